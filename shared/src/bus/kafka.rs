@@ -1,0 +1,463 @@
+//! The Kafka bus (rdkafka): exactly-once per stage with a read-committed consumer and a
+//! transactional producer that commits the consumed offsets inside the same transaction.
+//!
+//! librdkafka's transaction and poll calls block, so every one runs on tokio's blocking pool.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Bus, BusError, OutRecord, Producer, Record, StageIo};
+
+/// `[kafka]`: where the broker is and how the clients behave.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topics are `<prefix>.deidentified`, `<prefix>.findings`, ...
+    pub topic_prefix: String,
+    /// Partitions for topics that `fracture topics create` makes (the ceiling on replicas per stage).
+    pub partitions: i32,
+    /// Replication factor for created topics (1 for a single broker).
+    pub replication: i32,
+    /// Timeout for every broker call (transactions, commits, metadata), in milliseconds.
+    pub timeout_ms: u64,
+    /// Broker-side limit on an open transaction, in milliseconds.
+    pub transaction_timeout_ms: u64,
+    /// How long one batch may take before the member is considered dead and its partitions move.
+    pub max_poll_interval_ms: u64,
+    /// Heartbeat-based failure detection, in milliseconds.
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed as they are.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "fracture".into(),
+            partitions: 6,
+            replication: 1,
+            timeout_ms: 30_000,
+            transaction_timeout_ms: 60_000,
+            max_poll_interval_ms: 600_000,
+            session_timeout_ms: 10_000,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// Counts rebalances, so a batch gathered across one is recognised and dropped (its partitions
+/// restart from the committed offsets, so nothing is lost and nothing is processed twice).
+#[derive(Default)]
+struct GenerationContext {
+    generation: AtomicU64,
+}
+
+impl ClientContext for GenerationContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "{log_message}"),
+            _ => tracing::debug!(facility = fac, "{log_message}"),
+        }
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, "kafka client: {reason}");
+    }
+}
+
+impl ConsumerContext for GenerationContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!(error = %e, "consumer group rebalance error");
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct KafkaBus {
+    cfg: KafkaConfig,
+}
+
+impl KafkaBus {
+    pub fn new(cfg: KafkaConfig) -> Self {
+        Self { cfg }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.cfg.brokers);
+        for (k, v) in &self.cfg.extra {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.timeout_ms)
+    }
+
+    fn transactional_producer(
+        &self,
+        instance: &str,
+    ) -> Result<ThreadedProducer<DefaultProducerContext>, BusError> {
+        let mut c = self.base();
+        c.set("transactional.id", instance)
+            .set("enable.idempotence", "true")
+            // Where Java clients would put a key, so mixed deployments agree on partitions.
+            .set("partitioner", "murmur2_random")
+            .set("transaction.timeout.ms", self.cfg.transaction_timeout_ms.to_string())
+            .set("linger.ms", "5");
+        let p: ThreadedProducer<DefaultProducerContext> =
+            c.create().map_err(|e| BusError::Fatal(format!("cannot create producer: {e}")))?;
+        Ok(p)
+    }
+}
+
+fn classify(e: KafkaError) -> BusError {
+    if let KafkaError::Transaction(t) = &e {
+        if t.is_fatal() {
+            return BusError::Fatal(e.to_string());
+        }
+        if t.txn_requires_abort() {
+            return BusError::Aborted(e.to_string());
+        }
+        return BusError::Unavailable(e.to_string());
+    }
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Fenced)
+        | Some(RDKafkaErrorCode::ProducerFenced)
+        | Some(RDKafkaErrorCode::InvalidProducerEpoch) => BusError::Fatal(e.to_string()),
+        _ => BusError::Unavailable(e.to_string()),
+    }
+}
+
+fn to_out_headers(headers: &[(String, String)]) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+        h.insert(Header { key: k, value: Some(v.as_bytes()) })
+    })
+}
+
+/// Produces inside an open transaction, waiting out a full local queue.
+fn produce_all(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    outputs: &[OutRecord],
+    deadline: Instant,
+) -> Result<(), BusError> {
+    for o in outputs {
+        let headers = to_out_headers(&o.headers);
+        let mut record =
+            BaseRecord::to(&o.topic).key(o.key.as_bytes()).payload(&o.payload).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(BusError::Aborted(format!("produce failed: {e}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one transaction: produce, optionally send offsets, commit; aborts on an abortable error.
+fn transact(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    outputs: &[OutRecord],
+    offsets: Option<(&TopicPartitionList, &BaseConsumer<GenerationContext>)>,
+    timeout: Duration,
+) -> Result<(), BusError> {
+    producer.begin_transaction().map_err(classify)?;
+    let result = (|| {
+        produce_all(producer, outputs, Instant::now() + timeout)?;
+        if let Some((tpl, consumer)) = offsets {
+            let meta = consumer.group_metadata().ok_or_else(|| {
+                BusError::Aborted("consumer has no group metadata (not in a group yet)".into())
+            })?;
+            producer.send_offsets_to_transaction(tpl, &meta, timeout).map_err(classify)?;
+        }
+        producer.commit_transaction(timeout).map_err(classify)
+    })();
+    match result {
+        Ok(()) => Ok(()),
+        Err(BusError::Fatal(m)) => Err(BusError::Fatal(m)),
+        Err(e) => {
+            // Abortable, or we do not know whether the commit landed: abort, and the caller
+            // re-delivers from the committed offsets. An abort that itself fails is fatal.
+            producer
+                .abort_transaction(timeout)
+                .map_err(|a| BusError::Fatal(format!("{e}; abort also failed: {a}")))?;
+            Err(BusError::Aborted(e.to_string()))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BusError> + Send + 'static,
+) -> Result<T, BusError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BusError::Fatal(format!("kafka worker thread panicked: {e}")))?
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        instance: &str,
+    ) -> Result<Box<dyn StageIo>, BusError> {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("max.poll.interval.ms", self.cfg.max_poll_interval_ms.to_string())
+            .set("session.timeout.ms", self.cfg.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (self.cfg.session_timeout_ms / 3).max(100).to_string());
+        let consumer: BaseConsumer<GenerationContext> = c
+            .create_with_context(GenerationContext::default())
+            .map_err(|e| BusError::Fatal(format!("cannot create consumer: {e}")))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(classify)?;
+        let producer = self.transactional_producer(instance)?;
+        let timeout = self.timeout();
+        let producer = Arc::new(producer);
+        let p = producer.clone();
+        blocking(move || {
+            p.init_transactions(timeout).map_err(|e| {
+                BusError::Unavailable(format!("init_transactions (is the broker up?): {e}"))
+            })
+        })
+        .await?;
+        Ok(Box::new(KafkaStageIo {
+            consumer: Arc::new(consumer),
+            producer,
+            pending: HashMap::new(),
+            generation: None,
+            timeout,
+        }))
+    }
+
+    async fn producer(&self, instance: &str) -> Result<Box<dyn Producer>, BusError> {
+        let producer = Arc::new(self.transactional_producer(instance)?);
+        let timeout = self.timeout();
+        let p = producer.clone();
+        blocking(move || {
+            p.init_transactions(timeout).map_err(|e| {
+                BusError::Unavailable(format!("init_transactions (is the broker up?): {e}"))
+            })
+        })
+        .await?;
+        Ok(Box::new(KafkaProducer { producer, timeout }))
+    }
+
+    async fn create_topics(&self, topics: &[String], partitions: i32) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.base().create().map_err(|e| BusError::Fatal(format!("admin client: {e}")))?;
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(self.cfg.replication)))
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout()));
+        let results = tokio::time::timeout(self.timeout(), admin.create_topics(&new, &opts))
+            .await
+            .map_err(|_| BusError::Unavailable("create_topics timed out".into()))?
+            .map_err(classify)?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(BusError::Unavailable(format!("cannot create topic {t}: {code}")))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KafkaStageIo {
+    consumer: Arc<BaseConsumer<GenerationContext>>,
+    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    /// (topic, partition) -> next offset, for everything polled since the last commit.
+    pending: HashMap<(String, i32), i64>,
+    /// The rebalance generation when the open batch started.
+    generation: Option<u64>,
+    timeout: Duration,
+}
+
+fn seek_to_committed(
+    consumer: &BaseConsumer<GenerationContext>,
+    timeout: Duration,
+) -> Result<(), BusError> {
+    let committed = consumer.committed(timeout).map_err(classify)?;
+    let mut tpl = TopicPartitionList::new();
+    for e in committed.elements() {
+        // No commit yet: start from the beginning, as auto.offset.reset=earliest would.
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        tpl.add_partition_offset(e.topic(), e.partition(), offset).map_err(classify)?;
+    }
+    if tpl.count() > 0 {
+        consumer.seek_partitions(tpl, timeout).map_err(classify)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl StageIo for KafkaStageIo {
+    async fn poll_batch(
+        &mut self,
+        max: usize,
+        linger: Duration,
+        idle: Duration,
+    ) -> Result<Vec<Record>, BusError> {
+        let consumer = self.consumer.clone();
+        let start_gen = *self
+            .generation
+            .get_or_insert(consumer.context().generation.load(Ordering::SeqCst));
+        let (batch, generation) = blocking(move || {
+            let mut out = Vec::new();
+            let first_deadline = Instant::now() + idle;
+            let mut deadline = first_deadline;
+            while out.len() < max {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match consumer.poll(deadline - now) {
+                    None => {}
+                    Some(Err(e)) => tracing::warn!(error = %e, "kafka poll"),
+                    Some(Ok(m)) => {
+                        let headers = m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .filter_map(|h| {
+                                        h.value.map(|v| {
+                                            (h.key.to_string(), String::from_utf8_lossy(v).into_owned())
+                                        })
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        out.push(Record {
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                            headers,
+                        });
+                        if deadline == first_deadline {
+                            deadline = Instant::now() + linger;
+                        }
+                    }
+                }
+            }
+            Ok((out, consumer.context().generation.load(Ordering::SeqCst)))
+        })
+        .await?;
+        if generation != start_gen {
+            // Partitions were revoked and re-assigned while this batch was open: their
+            // positions went back to the committed offsets, so drop what we hold.
+            self.pending.clear();
+            self.generation = None;
+            return Err(BusError::Aborted("consumer group rebalanced".into()));
+        }
+        for r in &batch {
+            self.pending.insert((r.topic.clone(), r.partition), r.offset + 1);
+        }
+        Ok(batch)
+    }
+
+    async fn commit(&mut self, outputs: Vec<OutRecord>) -> Result<(), BusError> {
+        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        if self.generation.is_some_and(|g| g != generation) {
+            self.pending.clear();
+            self.generation = None;
+            return Err(BusError::Aborted("consumer group rebalanced before commit".into()));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &self.pending {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o)).map_err(classify)?;
+        }
+        let (consumer, producer, timeout) =
+            (self.consumer.clone(), self.producer.clone(), self.timeout);
+        let result = blocking(move || {
+            let offsets = if tpl.count() > 0 { Some((&tpl, &*consumer)) } else { None };
+            let r = transact(&producer, &outputs, offsets, timeout);
+            if let Err(BusError::Aborted(_)) = &r {
+                seek_to_committed(&consumer, timeout)?;
+            }
+            r
+        })
+        .await;
+        self.pending.clear();
+        self.generation = None;
+        result
+    }
+
+    async fn rewind(&mut self) -> Result<(), BusError> {
+        self.pending.clear();
+        self.generation = None;
+        let (consumer, timeout) = (self.consumer.clone(), self.timeout);
+        blocking(move || seek_to_committed(&consumer, timeout)).await
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), BusError> {
+        let this = *self;
+        blocking(move || {
+            this.consumer.unsubscribe();
+            this.producer.flush(this.timeout).map_err(classify)?;
+            drop(this);
+            Ok(())
+        })
+        .await
+    }
+}
+
+struct KafkaProducer {
+    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl Producer for KafkaProducer {
+    async fn send(&mut self, outputs: Vec<OutRecord>) -> Result<(), BusError> {
+        let (producer, timeout) = (self.producer.clone(), self.timeout);
+        blocking(move || transact(&producer, &outputs, None, timeout)).await
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), BusError> {
+        let this = *self;
+        blocking(move || this.producer.flush(this.timeout).map_err(classify)).await
+    }
+}

@@ -1,0 +1,298 @@
+//! The versioned messages that travel between stages, one type per topic.
+//!
+//! Every message is JSON on the wire with a `schema` field naming its type and version, so a
+//! consumer can refuse (dead-letter) what it does not understand instead of misreading it.
+//! Nothing here identifies a patient: UIDs are pseudonyms made by ingest, and `input` is an
+//! opaque reference that only the edge (ingest's linkage table) can turn back into a file.
+
+use serde::{Deserialize, Serialize};
+
+/// A reference to an object in the claim-check store (content-addressed by sha256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Lower-case hex sha256 of the content; also its key in the store.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// What the bytes are, e.g. `application/dicom` or `application/x-fracture-f32`.
+    pub media_type: String,
+}
+
+/// The pseudonymous identity of one radiograph, carried by every message about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RadiographId {
+    /// Opaque, pseudonymous reference to the input (file, C-STORE, DICOMweb instance).
+    /// Only the edge's linkage table maps it back to where it came from.
+    pub input: String,
+    /// Pseudonymised StudyInstanceUID (also the Kafka key: per-study ordering).
+    pub study_instance_uid: String,
+    /// Pseudonymised SeriesInstanceUID.
+    pub series_instance_uid: String,
+    /// Pseudonymised SOPInstanceUID.
+    pub sop_instance_uid: String,
+}
+
+/// `fracture.deidentified`: a radiograph that passed the PHI boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deidentified {
+    pub schema: String,
+    pub id: RadiographId,
+    /// Pseudonymous site code (from configuration), never the institution's name.
+    pub site: String,
+    /// Anatomical region from the DICOM metadata (`unknown` when no rule matched).
+    pub region: String,
+    /// DICOM Modality (CR, DX).
+    pub modality: String,
+    pub rows: u32,
+    pub columns: u32,
+    /// The de-identified DICOM object.
+    pub dicom: BlobRef,
+}
+
+/// Where the model input came from in the original image, so boxes map back exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Geometry {
+    pub original_width: u32,
+    pub original_height: u32,
+    /// Crop box in original pixels: x0, y0 inclusive; x1, y1 exclusive.
+    pub crop: [u32; 4],
+    /// Model-input pixels per original pixel (the resize factor).
+    pub scale: f64,
+    /// Side of the square model input.
+    pub size: u32,
+}
+
+impl Geometry {
+    /// Maps a point in model-input pixel coordinates back to original pixel coordinates.
+    pub fn to_original(&self, x: f64, y: f64) -> (f64, f64) {
+        let ox = self.crop[0] as f64 + x / self.scale;
+        let oy = self.crop[1] as f64 + y / self.scale;
+        (
+            ox.clamp(self.crop[0] as f64, self.crop[2] as f64),
+            oy.clamp(self.crop[1] as f64, self.crop[3] as f64),
+        )
+    }
+}
+
+/// `fracture.preprocessed`: the model input, in the claim-check store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessed {
+    pub schema: String,
+    pub id: RadiographId,
+    pub site: String,
+    pub region: String,
+    /// Little-endian f32 tensor of shape `[2, size, size]`: channel 0 raw in [0, 1],
+    /// channel 1 Local Contrast Normalised in [-1, 1].
+    pub tensor: BlobRef,
+    pub geometry: Geometry,
+}
+
+/// `fracture.scored`: the ensemble's output for one radiograph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    pub schema: String,
+    pub id: RadiographId,
+    pub site: String,
+    pub region: String,
+    pub geometry: Geometry,
+    /// Unweighted mean of the members' probabilities.
+    pub score: f32,
+    pub member_scores: Vec<f32>,
+    /// Little-endian f32 probability map `[map_size, map_size]`, the mean of the members that
+    /// have a map head; `None` when no member has one.
+    pub map: Option<BlobRef>,
+    pub map_size: u32,
+    pub model_version: String,
+    /// False for a network that was never trained: everything downstream must say so.
+    pub model_trained: bool,
+}
+
+/// A box in original pixel coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BoundingBox {
+    pub x0: f64,
+    pub y0: f64,
+    pub x1: f64,
+    pub y1: f64,
+    pub score: f32,
+}
+
+/// `fracture.findings`: the answer for one radiograph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub schema: String,
+    pub id: RadiographId,
+    pub site: String,
+    pub region: String,
+    pub score: f32,
+    /// The region's threshold that decided `fracture` (score >= threshold).
+    pub threshold: f32,
+    pub fracture: bool,
+    pub boxes: Vec<BoundingBox>,
+    pub model_version: String,
+    pub model_trained: bool,
+}
+
+/// `fracture.labels`: a reference read (ground truth) for one radiograph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    pub schema: String,
+    /// Pseudonymised SOPInstanceUID (the same key ingest gives the finding).
+    pub sop_instance_uid: String,
+    pub fracture: bool,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub boxes: Vec<BoundingBox>,
+}
+
+/// `fracture.alerts`: something a quality team must look at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub schema: String,
+    pub kind: String,
+    pub region: String,
+    pub site: Option<String>,
+    pub model_version: Option<String>,
+    /// What was seen and why it matters, for a person.
+    pub message: String,
+}
+
+/// How an error is classified; decides retry versus dead letter (see `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// The input is bad: never retried.
+    Data,
+    /// Something outside the process failed: retried with capped backoff.
+    External,
+    /// A bug: retried a few times, then dead-lettered.
+    Internal,
+}
+
+/// `fracture.dead-letter`: an input a stage could not process, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub schema: String,
+    /// The stage that gave up.
+    pub stage: String,
+    pub kind: ErrorKind,
+    /// What was wrong and what to do, for a person. Never holds PHI.
+    pub reason: String,
+    /// The pseudonymous input reference (see `RadiographId::input`), when known.
+    pub input: Option<String>,
+    /// Where the message came from: topic, partition, offset (absent for the edge's own inputs).
+    pub origin: Option<Origin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Schema names, one per message type; bump the version on an incompatible change.
+pub mod schema {
+    pub const DEIDENTIFIED: &str = "fracture.deidentified/v1";
+    pub const PREPROCESSED: &str = "fracture.preprocessed/v1";
+    pub const SCORED: &str = "fracture.scored/v1";
+    pub const FINDING: &str = "fracture.finding/v1";
+    pub const LABEL: &str = "fracture.label/v1";
+    pub const ALERT: &str = "fracture.alert/v1";
+    pub const DEAD_LETTER: &str = "fracture.dead-letter/v1";
+}
+
+/// A message that knows its schema and topic.
+pub trait Message: Serialize + for<'de> Deserialize<'de> {
+    const SCHEMA: &'static str;
+    /// Topic name without the configurable prefix, e.g. `deidentified`.
+    const TOPIC: &'static str;
+    fn schema(&self) -> &str;
+}
+
+macro_rules! message {
+    ($t:ty, $schema:expr, $topic:expr) => {
+        impl Message for $t {
+            const SCHEMA: &'static str = $schema;
+            const TOPIC: &'static str = $topic;
+            fn schema(&self) -> &str {
+                &self.schema
+            }
+        }
+    };
+}
+message!(Deidentified, schema::DEIDENTIFIED, "deidentified");
+message!(Preprocessed, schema::PREPROCESSED, "preprocessed");
+message!(Scored, schema::SCORED, "scored");
+message!(Finding, schema::FINDING, "findings");
+message!(Label, schema::LABEL, "labels");
+message!(Alert, schema::ALERT, "alerts");
+message!(DeadLetter, schema::DEAD_LETTER, "dead-letter");
+
+/// Decodes a message, checking its schema; the error says what arrived and what was expected.
+pub fn decode<M: Message>(payload: &[u8]) -> Result<M, String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema: Option<String>,
+    }
+    let probe: Probe = serde_json::from_slice(payload).map_err(|e| {
+        format!(
+            "not a JSON message ({e}); expected {} on this topic",
+            M::SCHEMA
+        )
+    })?;
+    match probe.schema.as_deref() {
+        Some(s) if s == M::SCHEMA => serde_json::from_slice(payload)
+            .map_err(|e| format!("malformed {} message: {e}", M::SCHEMA)),
+        Some(s) => Err(format!(
+            "message schema {s} is not {}; is a producer of another version writing to this topic?",
+            M::SCHEMA
+        )),
+        None => Err(format!(
+            "message has no schema field; expected {}",
+            M::SCHEMA
+        )),
+    }
+}
+
+pub fn encode<M: Message>(m: &M) -> Vec<u8> {
+    // Serialising our own plain structs cannot fail (no maps with non-string keys, no I/O).
+    serde_json::to_vec(m).expect("message serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_refuses_other_schema_and_garbage() {
+        let l = Label {
+            schema: schema::LABEL.into(),
+            sop_instance_uid: "2.25.1".into(),
+            fracture: true,
+            region: None,
+            boxes: vec![],
+        };
+        let bytes = encode(&l);
+        assert_eq!(decode::<Label>(&bytes).unwrap(), l);
+        let e = decode::<Finding>(&bytes).unwrap_err();
+        assert!(e.contains("fracture.label/v1"), "{e}");
+        assert!(decode::<Label>(b"\x00\x01").unwrap_err().contains("not a JSON"));
+    }
+
+    #[test]
+    fn geometry_maps_back_through_crop_and_scale() {
+        let g = Geometry {
+            original_width: 2000,
+            original_height: 1000,
+            crop: [100, 50, 1900, 950],
+            scale: 0.5,
+            size: 1024,
+        };
+        assert_eq!(g.to_original(0.0, 0.0), (100.0, 50.0));
+        assert_eq!(g.to_original(10.0, 20.0), (120.0, 90.0));
+        // Padding beyond the image clamps to the crop box.
+        assert_eq!(g.to_original(1024.0, 1024.0), (1900.0, 950.0));
+    }
+}

@@ -1,0 +1,246 @@
+//! The loop every consuming stage runs: poll a batch, handle it, retry or dead-letter what
+//! failed, and commit outputs and offsets together.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::bus::{BusError, OutRecord, Record, StageIo, Topics};
+use crate::error::{Decision, RetryPolicy, StageError};
+use crate::messages::{encode, schema, DeadLetter, Message, Origin};
+use crate::metrics::StageMetrics;
+use crate::telemetry;
+
+/// What a handler wants published for one input record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+impl Output {
+    pub fn message<M: Message>(topics: &Topics, key: &str, m: &M) -> Self {
+        Self { topic: topics.of::<M>(), key: key.to_string(), payload: encode(m) }
+    }
+}
+
+/// A stage's work on a batch: one result per input record, in the same order.
+#[async_trait]
+pub trait Handler: Send + Sync {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>>;
+}
+
+/// Batching of a stage's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most records handled as one batch (one transaction).
+    pub max: usize,
+    /// After the first record arrives, how long to wait for more (ms).
+    pub linger_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max: 16, linger_ms: 5 }
+    }
+}
+
+/// A stop signal shared by every task of a process (SIGTERM, or the end of a scan).
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|v| *v).await;
+    }
+}
+
+pub struct StageRunner {
+    pub stage: &'static str,
+    pub topics: Topics,
+    pub metrics: StageMetrics,
+    pub retry: RetryPolicy,
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{stage}: {source}")]
+pub struct StageFailed {
+    pub stage: &'static str,
+    #[source]
+    pub source: BusError,
+}
+
+/// Pulls `/id/input` and `/region` out of a JSON payload, for dead letters and metrics.
+fn peek(payload: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return (None, None) };
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+    (s("/id/input").or_else(|| s("/input")), s("/region"))
+}
+
+impl StageRunner {
+    /// Runs until `shutdown` is set (finishing or abandoning the open batch uncommitted) or the
+    /// bus fails fatally.
+    pub async fn run(
+        &self,
+        io: &mut dyn StageIo,
+        handler: &dyn Handler,
+        mut shutdown: Shutdown,
+    ) -> Result<(), StageFailed> {
+        let fail = |source| StageFailed { stage: self.stage, source };
+        let linger = Duration::from_millis(self.batch.linger_ms);
+        let idle = Duration::from_millis(200);
+        while !shutdown.is_set() {
+            let batch = match io.poll_batch(self.batch.max.max(1), linger, idle).await {
+                Ok(b) => b,
+                Err(BusError::Fatal(m)) => return Err(fail(BusError::Fatal(m))),
+                Err(e) => {
+                    tracing::warn!(stage = self.stage, error = %e, "poll");
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let Some(results) = self.handle_with_retries(&batch, handler, &mut shutdown).await
+            else {
+                // Shutting down mid-retry: leave the batch uncommitted for the next owner.
+                let _ = io.rewind().await;
+                break;
+            };
+            let mut outputs = Vec::new();
+            let mut dead = 0usize;
+            for (record, result) in batch.iter().zip(results) {
+                let parent = record
+                    .header(telemetry::TRACEPARENT)
+                    .and_then(telemetry::from_traceparent)
+                    .unwrap_or_else(telemetry::new_trace);
+                let span = telemetry::child_of(&parent);
+                let headers = vec![(telemetry::TRACEPARENT.to_string(), telemetry::to_traceparent(&span))];
+                let (input, region) = peek(&record.payload);
+                match result {
+                    Ok(outs) => {
+                        tracing::debug!(stage = self.stage, trace_id = %span.trace_id(), outputs = outs.len(), "processed");
+                        self.metrics
+                            .processed
+                            .with_label_values(&[self.stage, region.as_deref().unwrap_or("unknown")])
+                            .inc();
+                        outputs.extend(outs.into_iter().map(|o| OutRecord {
+                            topic: o.topic,
+                            key: o.key,
+                            payload: o.payload,
+                            headers: headers.clone(),
+                        }));
+                    }
+                    Err(e) => {
+                        dead += 1;
+                        tracing::warn!(stage = self.stage, trace_id = %span.trace_id(), kind = ?e.kind, reason = %e.message, "dead letter");
+                        self.metrics
+                            .dead_lettered
+                            .with_label_values(&[self.stage, &format!("{:?}", e.kind).to_lowercase()])
+                            .inc();
+                        let letter = DeadLetter {
+                            schema: schema::DEAD_LETTER.into(),
+                            stage: self.stage.into(),
+                            kind: e.kind,
+                            reason: e.message,
+                            input,
+                            origin: Some(Origin {
+                                topic: record.topic.clone(),
+                                partition: record.partition,
+                                offset: record.offset,
+                            }),
+                        };
+                        outputs.push(OutRecord {
+                            topic: self.topics.of::<DeadLetter>(),
+                            key: record.key.clone().unwrap_or_default(),
+                            payload: encode(&letter),
+                            headers: headers.clone(),
+                        });
+                    }
+                }
+            }
+            match io.commit(outputs).await {
+                Ok(()) => {
+                    self.metrics.batch_seconds.with_label_values(&[self.stage]).observe(started.elapsed().as_secs_f64());
+                    self.metrics.batch_size.with_label_values(&[self.stage]).observe(batch.len() as f64);
+                    tracing::debug!(stage = self.stage, records = batch.len(), dead_letters = dead, "committed");
+                }
+                Err(BusError::Fatal(m)) => return Err(fail(BusError::Fatal(m))),
+                Err(e) => {
+                    // Nothing was published; the batch comes again from the committed offsets.
+                    tracing::warn!(stage = self.stage, error = %e, "commit did not land, re-processing");
+                    if let Err(BusError::Fatal(m)) = io.rewind().await {
+                        return Err(fail(BusError::Fatal(m)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the batch, retrying the records whose errors call for it. `None` when shutdown
+    /// came while waiting to retry.
+    async fn handle_with_retries(
+        &self,
+        batch: &[Record],
+        handler: &dyn Handler,
+        shutdown: &mut Shutdown,
+    ) -> Option<Vec<Result<Vec<Output>, StageError>>> {
+        let mut results: Vec<Option<Result<Vec<Output>, StageError>>> = vec![None; batch.len()];
+        let mut attempts = vec![0u32; batch.len()];
+        let mut todo: Vec<usize> = (0..batch.len()).collect();
+        loop {
+            let sub: Vec<Record> = todo.iter().map(|&i| batch[i].clone()).collect();
+            let mut got = handler.handle(&sub).await;
+            if got.len() != sub.len() {
+                // A handler bug; never lose records over it.
+                got = sub
+                    .iter()
+                    .map(|_| Err(StageError::internal(format!("{} returned a wrong number of results", self.stage))))
+                    .collect();
+            }
+            let mut again = Vec::new();
+            let mut wait = Duration::ZERO;
+            for (&i, r) in todo.iter().zip(got) {
+                match r {
+                    Ok(o) => results[i] = Some(Ok(o)),
+                    Err(e) => {
+                        attempts[i] += 1;
+                        match self.retry.decide(e.kind, attempts[i]) {
+                            Decision::DeadLetter => results[i] = Some(Err(e)),
+                            Decision::Retry(d) => {
+                                tracing::warn!(stage = self.stage, attempt = attempts[i], kind = ?e.kind, error = %e.message, "retrying");
+                                self.metrics
+                                    .retries
+                                    .with_label_values(&[self.stage, &format!("{:?}", e.kind).to_lowercase()])
+                                    .inc();
+                                wait = wait.max(d);
+                                again.push(i);
+                            }
+                        }
+                    }
+                }
+            }
+            if again.is_empty() {
+                return Some(results.into_iter().map(|r| r.expect("every record has a result")).collect());
+            }
+            todo = again;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait() => return None,
+            }
+        }
+    }
+}

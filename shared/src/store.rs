@@ -1,0 +1,161 @@
+//! The claim-check store: payloads too big for the bus, content-addressed by sha256.
+//!
+//! A retry writes the same object under the same key, so writes are idempotent. Reads verify the
+//! digest, so a corrupt or truncated object is caught where it is read, not three stages later.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::{path::Path as ObjectPath, ObjectStore, ObjectStoreExt, PutPayload};
+use sha2::{Digest, Sha256};
+
+use crate::error::StageError;
+use crate::messages::BlobRef;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A local folder (created if missing). S3-compatible URLs need the `s3` build feature.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { url: "./fracture-store".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("claim-check store unavailable: {0}")]
+    Unavailable(String),
+    #[error("object {0} is not in the claim-check store; was it written to another store, or removed?")]
+    NotFound(String),
+    #[error("object {sha256} in the claim-check store is corrupt: its content hashes to {actual}")]
+    Corrupt { sha256: String, actual: String },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+}
+
+impl From<StoreError> for StageError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => StageError::external(e.to_string()),
+            // A missing or corrupt object will not heal by retrying this message.
+            StoreError::NotFound(_) | StoreError::Corrupt { .. } => StageError::data(e.to_string()),
+            StoreError::Config(_) => StageError::internal(e.to_string()),
+        }
+    }
+}
+
+/// Put and get by content.
+#[derive(Clone)]
+pub struct BlobStore {
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobStore({})", self.inner)
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn key(sha256: &str) -> ObjectPath {
+    // Two-level fan-out keeps folders small on a local disk.
+    ObjectPath::from(format!("sha256/{}/{}", &sha256[..2], sha256))
+}
+
+impl BlobStore {
+    pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
+        let url = cfg.url.trim();
+        if url.contains("://") && !url.starts_with("file://") {
+            return Err(StoreError::Config(format!(
+                "store URL scheme of {url:?} is not built in; this build supports local folders \
+                 (a path or file://). Build with the `s3` feature for S3-compatible stores."
+            )));
+        }
+        let dir = url.strip_prefix("file://").unwrap_or(url);
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Config(format!("cannot create the store folder {dir}: {e}"))
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| StoreError::Config(format!("cannot open the store folder {dir}: {e}")))?;
+        Ok(Self { inner: Arc::new(fs) })
+    }
+
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> Self {
+        Self { inner }
+    }
+
+    /// Stores `bytes` under their sha256; writing the same content again is a no-op.
+    pub async fn put(&self, bytes: Bytes, media_type: &str) -> Result<BlobRef, StoreError> {
+        let sha256 = sha256_hex(&bytes);
+        let size = bytes.len() as u64;
+        let path = key(&sha256);
+        match self.inner.head(&path).await {
+            Ok(meta) if meta.size == size => {}
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                self.inner
+                    .put(&path, PutPayload::from_bytes(bytes))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            }
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        }
+        Ok(BlobRef { sha256, size, media_type: media_type.to_string() })
+    }
+
+    pub async fn get(&self, blob: &BlobRef) -> Result<Bytes, StoreError> {
+        if blob.sha256.len() != 64 || !blob.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound(format!("{:?} (not a sha256)", blob.sha256)));
+        }
+        let got = match self.inner.get(&key(&blob.sha256)).await {
+            Ok(r) => r.bytes().await.map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(blob.sha256.clone()))
+            }
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        };
+        let actual = sha256_hex(&got);
+        if actual != blob.sha256 {
+            return Err(StoreError::Corrupt { sha256: blob.sha256.clone(), actual });
+        }
+        Ok(got)
+    }
+
+    /// A cheap round trip that says whether the store answers (readiness).
+    pub async fn check(&self) -> Result<(), StoreError> {
+        match self.inner.head(&ObjectPath::from("readiness-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_is_content_addressed_idempotent_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&StoreConfig { url: dir.path().display().to_string() }).unwrap();
+        let a = store.put(Bytes::from_static(b"radiograph"), "application/dicom").await.unwrap();
+        let b = store.put(Bytes::from_static(b"radiograph"), "application/dicom").await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.sha256, sha256_hex(b"radiograph"));
+        assert_eq!(&store.get(&a).await.unwrap()[..], b"radiograph");
+
+        // Tamper with the object on disk: the read must refuse it.
+        let path = dir.path().join("sha256").join(&a.sha256[..2]).join(&a.sha256);
+        std::fs::write(&path, b"radiografh").unwrap();
+        assert!(matches!(store.get(&a).await, Err(StoreError::Corrupt { .. })));
+
+        let missing = BlobRef { sha256: "0".repeat(64), size: 1, media_type: "x".into() };
+        assert!(matches!(store.get(&missing).await, Err(StoreError::NotFound(_))));
+    }
+}
