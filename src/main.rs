@@ -1,1 +1,104 @@
-fn main() {}
+//! `fracture`: fracture detection on musculoskeletal radiographs. Argument parsing only; the
+//! work lives in the stage crates, wired by `scan` (one process) and `serve` (one stage).
+
+mod report;
+mod scan;
+mod serve;
+mod wiring;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "fracture", version, about = "Fracture detection on musculoskeletal radiographs (Jones et al. 2020), streaming on Kafka")]
+struct Cli {
+    /// Configuration file (default: ./fracture.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set ensemble.batch_size=8` (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_kv)]
+    set: Vec<(String, String)>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Scan files and folders with all five stages in one process (no broker) and write a report.
+    Scan {
+        /// DICOM files or folders to scan (recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output folder: findings.jsonl, dead-letter.jsonl, linkage.csv, report.html.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// De-identification key file (at least 32 bytes); default: DIR/deid.key, created if missing.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Ensemble manifest (overrides model.manifest).
+        #[arg(long, value_name = "FILE")]
+        model: Option<PathBuf>,
+    },
+    /// Run one stage as its own process on Kafka.
+    Serve {
+        stage: Stage,
+        /// Files or folders for ingest to read (default: ingest.input_dir).
+        paths: Vec<PathBuf>,
+        /// This replica's stable name (transactional id suffix); default: $HOSTNAME or "0".
+        #[arg(long, env = "FRACTURE_INSTANCE")]
+        instance: Option<String>,
+    },
+    /// Create the pipeline's Kafka topics (idempotent).
+    Topics,
+    /// Inspect the DRN family.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print parameters and multiply-adds of an architecture at an input size.
+    Summary {
+        /// drn_c_26, drn_c_42, drn_d_22 or drn_d_38.
+        arch: String,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 1024)]
+        input: usize,
+        /// Input channels (1 = raw or LCN, 2 = both).
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Stage {
+    Ingest,
+    Preprocess,
+    Ensemble,
+    Postprocess,
+    Audit,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = fracture_shared::config::Settings::load(cli.config.as_deref(), &cli.set)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Scan { paths, out, key_file, model } => {
+            runtime.block_on(scan::run(&settings, &paths, &out, key_file.as_deref(), model.as_deref()))
+        }
+        Command::Serve { stage, paths, instance } => {
+            let instance = instance.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "0".into());
+            runtime.block_on(serve::run(&settings, stage, &paths, &instance))
+        }
+        Command::Topics => runtime.block_on(serve::create_topics(&settings)),
+        Command::Model(ModelCommand::Summary { arch, input, channels }) => wiring::model_summary(&arch, input, channels),
+    }
+}

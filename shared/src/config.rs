@@ -88,3 +88,19 @@ mod tests {
         assert!(e.to_string().contains("ulr"), "{e}");
     }
 }
+
+/// `[model]`: the ensemble every model-aware stage (preprocess, ensemble, postprocess) loads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Path of the ensemble manifest (`ensemble.toml`).
+    pub manifest: String,
+    /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+    pub device: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { manifest: "models/untrained/ensemble.toml".into(), device: "cpu".into() }
+    }
+}

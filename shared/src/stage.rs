@@ -244,3 +244,69 @@ impl StageRunner {
         }
     }
 }
+
+/// What a stage process gets from its host (`fracture serve <stage>` or `fracture scan`).
+#[derive(Clone)]
+pub struct StageEnv {
+    pub bus: std::sync::Arc<dyn crate::bus::Bus>,
+    pub store: crate::store::BlobStore,
+    pub topics: Topics,
+    pub metrics: StageMetrics,
+    pub health: crate::metrics::Health,
+    pub shutdown: Shutdown,
+    /// This replica's stable name (its transactional id suffix), e.g. the pod name.
+    pub instance: String,
+    pub retry: RetryPolicy,
+}
+
+impl StageEnv {
+    /// Joins the stage's consumer group on `input` and runs `handler` until shutdown.
+    pub async fn consume(
+        &self,
+        stage: &'static str,
+        input: String,
+        batch: BatchConfig,
+        handler: &dyn Handler,
+    ) -> Result<(), StageFailed> {
+        let group = format!("{}.{}", self.topics.prefix, stage);
+        let instance = format!("{group}.{}", self.instance);
+        let mut io = loop {
+            match self.bus.consumer(&group, std::slice::from_ref(&input), &instance).await {
+                Ok(io) => break io,
+                Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
+                    tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => return Err(StageFailed { stage, source: e }),
+            }
+        };
+        self.health.set_ready(true);
+        self.metrics.ready_gauge.with_label_values(&[stage]).set(1);
+        tracing::info!(stage, topic = %input, "consuming");
+        let runner = StageRunner { stage, topics: self.topics.clone(), metrics: self.metrics.clone(), retry: self.retry, batch };
+        let result = runner.run(io.as_mut(), handler, self.shutdown.clone()).await;
+        self.health.set_ready(false);
+        self.metrics.ready_gauge.with_label_values(&[stage]).set(0);
+        if let Err(e) = io.close().await {
+            tracing::warn!(stage, error = %e, "leaving the group");
+        }
+        tracing::info!(stage, "stopped");
+        result
+    }
+}
+
+/// Little-endian f32 bytes, the claim-check format of tensors and maps.
+pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+pub fn bytes_to_f32(b: &[u8]) -> Result<Vec<f32>, StageError> {
+    if b.len() % 4 != 0 {
+        return Err(StageError::data(format!("tensor blob of {} bytes is not a whole number of f32 values", b.len())));
+    }
+    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}

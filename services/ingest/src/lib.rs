@@ -1,1 +1,285 @@
-//! The ingest stage.
+//! The ingest stage: radiographs in from folders, de-identified, into the claim-check store and
+//! onto `fracture.deidentified`. PHI stops here; the linkage table stays here.
+
+pub mod deid;
+pub mod linkage;
+pub mod walk;
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::DefaultDicomObject;
+
+use fracture_shared::bus::{BusError, OutRecord, Producer, Topics};
+use fracture_shared::error::StageError;
+use fracture_shared::messages::{encode, schema, Deidentified, DeadLetter, Message, RadiographId};
+use fracture_shared::pixels;
+use fracture_shared::region;
+use fracture_shared::store::BlobStore;
+use fracture_shared::telemetry;
+
+pub use deid::{deidentify, DeidPolicy};
+pub use linkage::{Linkage, LinkageRow};
+pub use walk::{walk, Input};
+
+pub const STAGE: &str = "ingest";
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// File whose bytes are the de-identification secret (at least 32 bytes). Every replica and
+    /// every re-run must use the same one, or UIDs will not match.
+    pub key_file: String,
+    /// Pseudonymous site code written in place of InstitutionName.
+    pub site_code: String,
+    /// Root of generated UIDs (`2.25` for UUID-derived UIDs).
+    pub uid_root: String,
+    /// The linkage table (pseudonym -> original), created with mode 0600. Stays at the edge.
+    pub linkage: String,
+    /// A folder to ingest when `fracture serve ingest` is given no paths.
+    pub input_dir: String,
+    /// Files per transaction.
+    pub batch: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            key_file: String::new(),
+            site_code: "SITE".into(),
+            uid_root: "2.25".into(),
+            linkage: "fracture-linkage.csv".into(),
+            input_dir: String::new(),
+            batch: 16,
+        }
+    }
+}
+
+/// Reads the key file; the error says how to make one.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read the de-identification key file {} ({e}); create one with `head -c 32 /dev/urandom > {}` and keep it secret",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+/// Everything ingest needs to turn a file into a message.
+pub struct Ingest {
+    pub policy: DeidPolicy,
+    pub store: BlobStore,
+    pub topics: Topics,
+    pub linkage: Linkage,
+}
+
+/// What happened to one input, for progress and counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Produced,
+    DeadLettered,
+    Skipped,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Inputs that became a message (a radiograph or a dead letter): each will end as exactly
+    /// one finding or one dead letter downstream.
+    pub inputs: u64,
+    pub produced: u64,
+    pub dead_lettered: u64,
+    /// Files that are plainly not DICOM (no DICM marker, not named .dcm), and DICOMDIR indexes.
+    pub skipped: u64,
+    pub bytes: u64,
+}
+
+const RADIOGRAPH_CLASSES: &[&str] = &[
+    uids::COMPUTED_RADIOGRAPHY_IMAGE_STORAGE,
+    uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PRESENTATION,
+    uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PROCESSING,
+];
+
+fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<String> {
+    obj.element(tag).ok().and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches('\0').trim().to_string())).filter(|s| !s.is_empty())
+}
+
+/// Refuses what is not a CR or DX radiograph, saying what it was.
+pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
+    use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
+    let class = text(obj, tags::SOP_CLASS_UID).unwrap_or_else(|| obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string());
+    if RADIOGRAPH_CLASSES.contains(&class.as_str()) {
+        return Ok(());
+    }
+    let name = dicom_dictionary_std::sop_class::StandardSopClassDictionary
+        .by_uid(&class)
+        .map(|e| e.name().to_string())
+        .unwrap_or_else(|| "an unknown SOP class".into());
+    let modality = text(obj, tags::MODALITY).unwrap_or_else(|| "no modality".into());
+    Err(StageError::data(format!(
+        "not a radiograph: SOP class {class} ({name}), modality {modality}; fracture detection reads CR and DX images only"
+    )))
+}
+
+impl Ingest {
+    /// De-identifies one DICOM file's bytes and stores the result.
+    async fn radiograph(&self, input: &str, bytes: &[u8], source: &Path) -> Result<Deidentified, StageError> {
+        let obj = pixels::read_object(bytes)?;
+        check_radiograph(&obj)?;
+        let region = region::classify(&[
+            text(&obj, tags::BODY_PART_EXAMINED).as_deref(),
+            text(&obj, tags::STUDY_DESCRIPTION).as_deref(),
+            text(&obj, tags::SERIES_DESCRIPTION).as_deref(),
+            text(&obj, tags::PROTOCOL_NAME).as_deref(),
+        ]);
+        let modality = text(&obj, tags::MODALITY).unwrap_or_default();
+        let rows = obj.element(tags::ROWS).ok().and_then(|e| e.to_int::<u32>().ok()).unwrap_or(0);
+        let columns = obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()).unwrap_or(0);
+        let (clean, originals) = deidentify(obj, &self.policy)?;
+        let id = RadiographId {
+            input: input.to_string(),
+            study_instance_uid: self.policy.pseudonymise_uid(&originals.study_instance_uid),
+            series_instance_uid: self.policy.pseudonymise_uid(&originals.series_instance_uid),
+            sop_instance_uid: self.policy.pseudonymise_uid(&originals.sop_instance_uid),
+        };
+        // The linkage row is durable before anything leaves the edge, so every result can go back.
+        self.linkage
+            .record(&LinkageRow {
+                input: input.to_string(),
+                source: source.display().to_string(),
+                study_instance_uid: id.study_instance_uid.clone(),
+                sop_instance_uid: id.sop_instance_uid.clone(),
+                original_study_instance_uid: originals.study_instance_uid,
+                original_sop_instance_uid: originals.sop_instance_uid,
+            })
+            .map_err(|e| StageError::external(format!("cannot write the linkage table: {e}")))?;
+        let encoded = pixels::write_object(&clean)?;
+        let dicom = self.store.put(Bytes::from(encoded), "application/dicom").await?;
+        Ok(Deidentified {
+            schema: schema::DEIDENTIFIED.into(),
+            id,
+            site: self.policy.site_code.clone(),
+            region: region.to_string(),
+            modality,
+            rows,
+            columns,
+            dicom,
+        })
+    }
+
+    fn dead_letter(&self, input: &str, e: StageError) -> OutRecord {
+        let letter = DeadLetter {
+            schema: schema::DEAD_LETTER.into(),
+            stage: STAGE.into(),
+            kind: e.kind,
+            reason: e.message,
+            input: Some(input.to_string()),
+            origin: None,
+        };
+        OutRecord { topic: self.topics.of::<DeadLetter>(), key: input.to_string(), payload: encode(&letter), headers: vec![] }
+    }
+
+    /// Turns one walked input into its message (a radiograph or a dead letter), or nothing for
+    /// a skipped file.
+    pub async fn process(&self, item: &Input) -> (Outcome, Option<OutRecord>, u64) {
+        let (path, problem) = match item {
+            Input::Skipped(_) => return (Outcome::Skipped, None, 0),
+            Input::File(p) => (p, None),
+            Input::Unreadable(p, why) => (p, Some(why.clone())),
+        };
+        let input = format!("in-{}", self.policy.pseudonym("input", &path.display().to_string()));
+        let trace = telemetry::new_trace();
+        let headers = vec![(telemetry::TRACEPARENT.to_string(), telemetry::to_traceparent(&trace))];
+        let link_only = |linkage: &Linkage| {
+            linkage.record(&LinkageRow { input: input.clone(), source: path.display().to_string(), ..Default::default() })
+        };
+        if let Some(why) = problem {
+            if let Err(e) = link_only(&self.linkage) {
+                tracing::error!(error = %e, "cannot write the linkage table");
+            }
+            let mut r = self.dead_letter(&input, StageError::data(why));
+            r.headers = headers;
+            return (Outcome::DeadLettered, Some(r), 0);
+        }
+        let result = match tokio::fs::read(path).await {
+            Err(e) => Err(StageError::data(format!("cannot read the file: {}", e.kind()))),
+            Ok(b) if b.is_empty() => Err(StageError::data("empty file (0 bytes)")),
+            Ok(b) => {
+                let n = b.len() as u64;
+                self.radiograph(&input, &b, path).await.map(|m| (m, n))
+            }
+        };
+        match result {
+            Ok((m, n)) => {
+                let key = m.id.study_instance_uid.clone();
+                (Outcome::Produced, Some(OutRecord { topic: self.topics.of::<Deidentified>(), key, payload: encode(&m), headers }), n)
+            }
+            Err(e) => {
+                tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
+                if let Err(le) = link_only(&self.linkage) {
+                    tracing::error!(error = %le, "cannot write the linkage table");
+                }
+                let mut r = self.dead_letter(&input, e);
+                r.headers = headers;
+                (Outcome::DeadLettered, Some(r), 0)
+            }
+        }
+    }
+
+    /// Ingests every input under `paths`, `batch` files per transaction. `progress` is called
+    /// once per input with its outcome and size.
+    pub async fn run_paths(
+        &self,
+        paths: &[PathBuf],
+        producer: &mut dyn Producer,
+        batch: usize,
+        mut progress: impl FnMut(Outcome, u64),
+    ) -> Result<IngestReport, BusError> {
+        let mut report = IngestReport::default();
+        let mut pending: Vec<OutRecord> = Vec::new();
+        for item in walk(paths) {
+            let (outcome, record, bytes) = self.process(&item).await;
+            match outcome {
+                Outcome::Skipped => report.skipped += 1,
+                Outcome::Produced => report.produced += 1,
+                Outcome::DeadLettered => report.dead_lettered += 1,
+            }
+            if outcome != Outcome::Skipped {
+                report.inputs += 1;
+            }
+            report.bytes += bytes;
+            pending.extend(record);
+            progress(outcome, bytes);
+            if pending.len() >= batch.max(1) {
+                send_with_retry(producer, std::mem::take(&mut pending)).await?;
+            }
+        }
+        if !pending.is_empty() {
+            send_with_retry(producer, pending).await?;
+        }
+        Ok(report)
+    }
+}
+
+/// A source has no offsets to rewind: an aborted transaction is simply sent again.
+async fn send_with_retry(producer: &mut dyn Producer, records: Vec<OutRecord>) -> Result<(), BusError> {
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match producer.send(records.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(BusError::Fatal(m)) => return Err(BusError::Fatal(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "ingest transaction did not land, sending again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The message type ingest writes, for callers that name topics.
+pub fn output_topic(topics: &Topics) -> String {
+    topics.name(Deidentified::TOPIC)
+}

@@ -250,3 +250,14 @@ impl Producer for InProcProducer {
         Ok(())
     }
 }
+
+impl InProcBus {
+    /// Declares that `group` will consume `topic`, before it starts: records are then kept for
+    /// it even if other groups commit past them first.
+    pub fn register_group(&self, group: &str, topic: &str) -> Result<(), BusError> {
+        let mut s = self.lock();
+        let log = s.topics.get_mut(topic).ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
+        log.groups.insert(group.to_string());
+        Ok(())
+    }
+}

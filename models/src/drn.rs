@@ -1,0 +1,840 @@
+//! The Dilated Residual Network family (Yu, Koltun and Funkhouser, CVPR 2017) the ensemble is made of.
+//!
+//! This follows fyu/drn `drn.py` block for block: `BasicBlock`, `_make_layer`,
+//! `_make_conv_layers`, arch C (a residual stem, residual-free dilated tail blocks) and arch D
+//! (plain convolution stem and tail). Output stride is 8: layers 5 and 6 dilate instead of
+//! striding. BatchNorm runs in inference mode on its running statistics.
+//!
+//! Tensor names are PyTorch's `state_dict` names, so a model exported from `drn.py` loads as is
+//! (its `*.num_batches_tracked` entries are ignored):
+//! - arch C stem: `conv1.weight`, `bn1.{weight,bias,running_mean,running_var}`;
+//!   arch D stem: `layer0.0.weight` (conv), `layer0.1.*` (BatchNorm).
+//! - residual stages: `layerK.B.conv1.weight`, `layerK.B.bn1.*`, `layerK.B.conv2.weight`,
+//!   `layerK.B.bn2.*`, and on a block that changes shape `layerK.B.downsample.0.weight`,
+//!   `layerK.B.downsample.1.*`.
+//! - convolution stages (arch D layers 1, 2, 7, 8): `layerK.{3i}.weight`, `layerK.{3i+1}.*`
+//!   (the ReLU at 3i+2 has no parameters).
+//! - classifier: `fc.weight` `[1, C, 1, 1]` and `fc.bias` (C = `channels[7]`, or 21 x `channels[7]`
+//!   with spatial pyramid pooling).
+//!
+//! The paper's variants add two heads of our own naming: `map_head.{weight,bias}` (the
+//! probability map) and `attention.{weight,bias}` (the spatial attention gate).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Module, ModuleT, Shape, Tensor};
+use candle_nn::{batch_norm, conv2d, conv2d_no_bias, BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// The reference's channel widths, stem to tail.
+pub const REFERENCE_CHANNELS: [usize; 8] = [16, 32, 64, 128, 256, 512, 512, 512];
+
+/// Which member of the DRN family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arch {
+    #[serde(rename = "drn_c_26")]
+    DrnC26,
+    #[serde(rename = "drn_c_42")]
+    DrnC42,
+    #[serde(rename = "drn_d_22")]
+    DrnD22,
+    #[serde(rename = "drn_d_38")]
+    DrnD38,
+}
+
+impl Arch {
+    /// Blocks (arch C) or convolutions (arch D) per stage, as `drn.py` declares them.
+    pub fn layers(self) -> [usize; 8] {
+        match self {
+            Arch::DrnC26 | Arch::DrnD22 => [1, 1, 2, 2, 2, 2, 1, 1],
+            Arch::DrnC42 | Arch::DrnD38 => [1, 1, 3, 4, 6, 3, 1, 1],
+        }
+    }
+
+    fn is_c(self) -> bool {
+        matches!(self, Arch::DrnC26 | Arch::DrnC42)
+    }
+}
+
+/// How the final features become one vector for the classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Global average pooling, as in the reference.
+    #[default]
+    Avg,
+    /// Spatial pyramid pooling: adaptive average pools at 1x1, 2x2 and 4x4, concatenated.
+    Spp,
+}
+
+/// Spatial pyramid levels (bins per side); 1 + 4 + 16 = 21 bins per channel.
+const SPP_LEVELS: [usize; 3] = [1, 2, 4];
+
+/// One network of the ensemble.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrnConfig {
+    pub arch: Arch,
+    /// 1 (raw or LCN) or 2 (both).
+    pub in_channels: usize,
+    pub channels: [usize; 8],
+    pub pooling: Pooling,
+    /// A 1x1 convolution on the stride-8 features giving a fracture logit map at size / 8.
+    pub map_head: bool,
+    /// Spatial attention before pooling. The paper says some members have "an attention
+    /// mechanism" and nothing more; ours is the simplest spatial one: a 1x1 convolution to one
+    /// channel, a sigmoid, and the features multiplied by that gate. The map head reads the
+    /// ungated features, so the map and the gate stay separate quantities.
+    pub attention: bool,
+}
+
+impl DrnConfig {
+    /// The reference network: reference channels, average pooling, no extra heads.
+    pub fn new(arch: Arch, in_channels: usize) -> Self {
+        Self {
+            arch,
+            in_channels,
+            channels: REFERENCE_CHANNELS,
+            pooling: Pooling::Avg,
+            map_head: false,
+            attention: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.in_channels == 0 {
+            return Err(ModelError::InvalidConfig(
+                "a DRN needs at least one input channel".into(),
+            ));
+        }
+        if self.channels.contains(&0) {
+            return Err(ModelError::InvalidConfig(format!(
+                "DRN channels {:?} contain 0; every stage needs at least one channel",
+                self.channels
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Inputs of the fc: one per channel, or one per channel and pyramid bin.
+fn fc_inputs(pooling: Pooling, out_dim: usize) -> usize {
+    match pooling {
+        Pooling::Avg => out_dim,
+        Pooling::Spp => out_dim * SPP_LEVELS.iter().map(|k| k * k).sum::<usize>(),
+    }
+}
+
+fn conv3x3(
+    inp: usize,
+    out: usize,
+    stride: usize,
+    dilation: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: dilation,
+        stride,
+        dilation,
+        ..Default::default()
+    };
+    conv2d_no_bias(inp, out, 3, cfg, vb)
+}
+
+fn bn(c: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm> {
+    batch_norm(c, 1e-5, vb)
+}
+
+/// Convolution, BatchNorm, ReLU: the arch C and D stems and arch D's convolution stages.
+#[derive(Debug, Clone)]
+struct ConvBnRelu {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBnRelu {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, false)?.relu()
+    }
+}
+
+/// `drn.py`'s BasicBlock; `residual: false` is arch C's tail, which must not re-add the
+/// gridding artefacts of the dilated layers.
+#[derive(Debug, Clone)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    downsample: Option<(Conv2d, BatchNorm)>,
+    residual: bool,
+}
+
+impl BasicBlock {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out = self.bn1.forward_t(&self.conv1.forward(x)?, false)?.relu()?;
+        let out = self.bn2.forward_t(&self.conv2.forward(&out)?, false)?;
+        let out = if self.residual {
+            let shortcut = match &self.downsample {
+                Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, false)?,
+                None => x.clone(),
+            };
+            (out + shortcut)?
+        } else {
+            out
+        };
+        out.relu()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Stage {
+    Blocks(Vec<BasicBlock>),
+    Convs(Vec<ConvBnRelu>),
+}
+
+impl Stage {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        match self {
+            Stage::Blocks(blocks) => {
+                for b in blocks {
+                    x = b.forward(&x)?;
+                }
+            }
+            Stage::Convs(convs) => {
+                for c in convs {
+                    x = c.forward(&x)?;
+                }
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// `_make_layer`: residual blocks; the first may stride and gets a 1x1 projection shortcut when
+/// the shape changes.
+#[allow(clippy::too_many_arguments)]
+fn make_layer(
+    inplanes: &mut usize,
+    planes: usize,
+    blocks: usize,
+    stride: usize,
+    dilation: usize,
+    new_level: bool,
+    residual: bool,
+    vb: VarBuilder,
+) -> candle_core::Result<Stage> {
+    let downsample = if stride != 1 || *inplanes != planes {
+        let cfg = Conv2dConfig {
+            stride,
+            ..Default::default()
+        };
+        Some((
+            conv2d_no_bias(*inplanes, planes, 1, cfg, vb.pp("0.downsample.0"))?,
+            bn(planes, vb.pp("0.downsample.1"))?,
+        ))
+    } else {
+        None
+    };
+    let first_dilation = if dilation == 1 {
+        (1, 1)
+    } else if new_level {
+        (dilation / 2, dilation)
+    } else {
+        (dilation, dilation)
+    };
+    let mut out = Vec::with_capacity(blocks);
+    let mut downsample = downsample;
+    for i in 0..blocks {
+        let vb = vb.pp(i.to_string());
+        let (inp, s, (d0, d1)) = if i == 0 {
+            (*inplanes, stride, first_dilation)
+        } else {
+            (planes, 1, (dilation, dilation))
+        };
+        out.push(BasicBlock {
+            conv1: conv3x3(inp, planes, s, d0, vb.pp("conv1"))?,
+            bn1: bn(planes, vb.pp("bn1"))?,
+            conv2: conv3x3(planes, planes, 1, d1, vb.pp("conv2"))?,
+            bn2: bn(planes, vb.pp("bn2"))?,
+            downsample: downsample.take(),
+            residual,
+        });
+        *inplanes = planes;
+    }
+    Ok(Stage::Blocks(out))
+}
+
+/// `_make_conv_layers`: plain 3x3 convolutions, the first one striding.
+fn make_conv_layers(
+    inplanes: &mut usize,
+    channels: usize,
+    convs: usize,
+    stride: usize,
+    dilation: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Stage> {
+    let mut out = Vec::with_capacity(convs);
+    for i in 0..convs {
+        let s = if i == 0 { stride } else { 1 };
+        out.push(ConvBnRelu {
+            conv: conv3x3(*inplanes, channels, s, dilation, vb.pp((3 * i).to_string()))?,
+            bn: bn(channels, vb.pp((3 * i + 1).to_string()))?,
+        });
+        *inplanes = channels;
+    }
+    Ok(Stage::Convs(out))
+}
+
+/// A Dilated Residual Network with one fracture logit and, optionally, a logit map.
+#[derive(Debug, Clone)]
+pub struct Drn {
+    stem: ConvBnRelu,
+    stages: Vec<Stage>,
+    attention: Option<Conv2d>,
+    map_head: Option<Conv2d>,
+    fc: Conv2d,
+    pooling: Pooling,
+}
+
+impl Drn {
+    pub fn new(cfg: &DrnConfig, vb: VarBuilder) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        Ok(Self::build(cfg, vb)?)
+    }
+
+    fn build(cfg: &DrnConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let ch = cfg.channels;
+        let layers = cfg.arch.layers();
+        let stem_cfg = Conv2dConfig {
+            padding: 3,
+            ..Default::default()
+        };
+        let stem = if cfg.arch.is_c() {
+            ConvBnRelu {
+                conv: conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp("conv1"))?,
+                bn: bn(ch[0], vb.pp("bn1"))?,
+            }
+        } else {
+            ConvBnRelu {
+                conv: conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp("layer0.0"))?,
+                bn: bn(ch[0], vb.pp("layer0.1"))?,
+            }
+        };
+
+        let mut inplanes = ch[0];
+        let ip = &mut inplanes;
+        let layer = |k: usize| vb.pp(format!("layer{k}"));
+        let mut stages = Vec::with_capacity(8);
+        if cfg.arch.is_c() {
+            stages.push(make_layer(
+                ip,
+                ch[0],
+                layers[0],
+                1,
+                1,
+                true,
+                true,
+                layer(1),
+            )?);
+            stages.push(make_layer(
+                ip,
+                ch[1],
+                layers[1],
+                2,
+                1,
+                true,
+                true,
+                layer(2),
+            )?);
+        } else {
+            stages.push(make_conv_layers(ip, ch[0], layers[0], 1, 1, layer(1))?);
+            stages.push(make_conv_layers(ip, ch[1], layers[1], 2, 1, layer(2))?);
+        }
+        stages.push(make_layer(
+            ip,
+            ch[2],
+            layers[2],
+            2,
+            1,
+            true,
+            true,
+            layer(3),
+        )?);
+        stages.push(make_layer(
+            ip,
+            ch[3],
+            layers[3],
+            2,
+            1,
+            true,
+            true,
+            layer(4),
+        )?);
+        stages.push(make_layer(
+            ip,
+            ch[4],
+            layers[4],
+            1,
+            2,
+            false,
+            true,
+            layer(5),
+        )?);
+        if layers[5] > 0 {
+            stages.push(make_layer(
+                ip,
+                ch[5],
+                layers[5],
+                1,
+                4,
+                false,
+                true,
+                layer(6),
+            )?);
+        }
+        if cfg.arch.is_c() {
+            if layers[6] > 0 {
+                stages.push(make_layer(
+                    ip,
+                    ch[6],
+                    layers[6],
+                    1,
+                    2,
+                    false,
+                    false,
+                    layer(7),
+                )?);
+            }
+            if layers[7] > 0 {
+                stages.push(make_layer(
+                    ip,
+                    ch[7],
+                    layers[7],
+                    1,
+                    1,
+                    false,
+                    false,
+                    layer(8),
+                )?);
+            }
+        } else {
+            if layers[6] > 0 {
+                stages.push(make_conv_layers(ip, ch[6], layers[6], 1, 2, layer(7))?);
+            }
+            if layers[7] > 0 {
+                stages.push(make_conv_layers(ip, ch[7], layers[7], 1, 1, layer(8))?);
+            }
+        }
+        let out_dim = *ip;
+
+        let head = |name: &str, inp: usize| conv2d(inp, 1, 1, Conv2dConfig::default(), vb.pp(name));
+        let attention = cfg
+            .attention
+            .then(|| head("attention", out_dim))
+            .transpose()?;
+        let map_head = cfg
+            .map_head
+            .then(|| head("map_head", out_dim))
+            .transpose()?;
+        let fc = head("fc", fc_inputs(cfg.pooling, out_dim))?;
+        Ok(Self {
+            stem,
+            stages,
+            attention,
+            map_head,
+            fc,
+            pooling: cfg.pooling,
+        })
+    }
+
+    /// `[N, in_channels, S, S]` -> (logits `[N]`, map logits `[N, S/8, S/8]` with a map head).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let n = x.dim(0)?;
+        let mut features = self.stem.forward(x)?;
+        for stage in &self.stages {
+            features = stage.forward(&features)?;
+        }
+        let map = match &self.map_head {
+            Some(head) => Some(head.forward(&features)?.squeeze(1)?),
+            None => None,
+        };
+        let features = match &self.attention {
+            Some(att) => {
+                features.broadcast_mul(&candle_nn::ops::sigmoid(&att.forward(&features)?)?)?
+            }
+            None => features,
+        };
+        let pooled = match self.pooling {
+            Pooling::Avg => features.mean_keepdim((2, 3))?,
+            Pooling::Spp => {
+                let levels = SPP_LEVELS
+                    .iter()
+                    .map(|&k| adaptive_avg_pool_flat(&features, k))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let flat = Tensor::cat(&levels, 1)?;
+                let c = flat.dim(1)?;
+                flat.reshape((n, c, 1, 1))?
+            }
+        };
+        let logits = self.fc.forward(&pooled)?.reshape(n)?;
+        Ok((logits, map))
+    }
+}
+
+/// PyTorch's `adaptive_avg_pool2d(x, k).flatten(1)`: `[N, C, H, W]` -> `[N, C * k * k]`, bins
+/// `[floor(i H / k), ceil((i + 1) H / k))` so every pixel is used even when k does not divide H.
+fn adaptive_avg_pool_flat(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if k == 1 {
+        return x.mean((2, 3));
+    }
+    let bounds = |i: usize, len: usize| (i * len / k, ((i + 1) * len).div_ceil(k));
+    let mut bins = Vec::with_capacity(k * k);
+    for i in 0..k {
+        let (h0, h1) = bounds(i, h);
+        let rows = x.narrow(2, h0, h1 - h0)?;
+        for j in 0..k {
+            let (w0, w1) = bounds(j, w);
+            bins.push(rows.narrow(3, w0, w1 - w0)?.mean((2, 3))?.unsqueeze(2)?);
+        }
+    }
+    Tensor::cat(&bins, 2)?.reshape((n, c * k * k))
+}
+
+/// One tensor a [`Drn`] reads, with the initialisation candle-nn would give it.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: candle_nn::Init,
+}
+
+impl ParamSpec {
+    /// BatchNorm running statistics are state, not learned parameters.
+    pub fn is_running_stat(&self) -> bool {
+        self.name.ends_with(".running_mean") || self.name.ends_with(".running_var")
+    }
+}
+
+/// A VarBuilder backend that records what the network asks for and hands back zero tensors
+/// that occupy no memory, so the full-size architecture can be listed without allocating it.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<ParamSpec>>>);
+
+impl candle_nn::var_builder::SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter recorder poisoned".into()))?
+            .push(ParamSpec {
+                name: name.to_string(),
+                shape: s.dims().to_vec(),
+                init: h,
+            });
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the parameter recorder cannot serve {name} without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor a [`Drn`] with this configuration reads, in construction order.
+pub fn parameter_specs(cfg: &DrnConfig) -> Result<Vec<ParamSpec>, ModelError> {
+    cfg.validate()?;
+    let recorder = Recorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    Drn::build(cfg, vb)?;
+    let specs = recorder
+        .0
+        .lock()
+        .map_err(|_| ModelError::InvalidConfig("parameter recorder poisoned".into()))?
+        .clone();
+    Ok(specs)
+}
+
+/// Learned parameters (convolution and fc weights and biases, BatchNorm weight and bias; not
+/// the running statistics), counted analytically.
+pub fn count_parameters(cfg: &DrnConfig) -> usize {
+    // The spatial size does not change the parameter count.
+    let t = tally(cfg, 64);
+    t.params as usize
+}
+
+/// Multiply-adds of one forward pass on an `input_size x input_size` image, counted
+/// analytically over the convolutions and the fc (BatchNorm, ReLU and pooling are negligible).
+pub fn multiply_adds(cfg: &DrnConfig, input_size: usize) -> u64 {
+    tally(cfg, input_size).macs
+}
+
+/// A walk over the architecture that mirrors [`Drn::build`] and counts instead of allocating;
+/// a test keeps the two in step.
+struct Tally {
+    params: u64,
+    macs: u64,
+    side: u64,
+}
+
+impl Tally {
+    fn conv(&mut self, cin: usize, cout: usize, k: usize, stride: usize, bias: bool) {
+        // Every convolution here pads by dilation * (k - 1) / 2, so only the stride changes size.
+        let side = (self.side - 1) / stride as u64 + 1;
+        let (cin, cout, k) = (cin as u64, cout as u64, k as u64);
+        self.params += cout * cin * k * k + if bias { cout } else { 0 };
+        self.macs += side * side * cout * cin * k * k;
+        self.side = side;
+    }
+
+    fn bn(&mut self, c: usize) {
+        self.params += 2 * c as u64;
+    }
+
+    fn layer(&mut self, inplanes: &mut usize, planes: usize, blocks: usize, stride: usize) {
+        if stride != 1 || *inplanes != planes {
+            let side = self.side;
+            self.conv(*inplanes, planes, 1, stride, false);
+            self.bn(planes);
+            self.side = side;
+        }
+        for i in 0..blocks {
+            let (inp, s) = if i == 0 {
+                (*inplanes, stride)
+            } else {
+                (planes, 1)
+            };
+            self.conv(inp, planes, 3, s, false);
+            self.bn(planes);
+            self.conv(planes, planes, 3, 1, false);
+            self.bn(planes);
+            *inplanes = planes;
+        }
+    }
+
+    fn conv_layers(&mut self, inplanes: &mut usize, channels: usize, convs: usize, stride: usize) {
+        for i in 0..convs {
+            self.conv(
+                *inplanes,
+                channels,
+                3,
+                if i == 0 { stride } else { 1 },
+                false,
+            );
+            self.bn(channels);
+            *inplanes = channels;
+        }
+    }
+}
+
+fn tally(cfg: &DrnConfig, input_size: usize) -> Tally {
+    let ch = cfg.channels;
+    let l = cfg.arch.layers();
+    let mut t = Tally {
+        params: 0,
+        macs: 0,
+        side: input_size.max(1) as u64,
+    };
+    t.conv(cfg.in_channels, ch[0], 7, 1, false);
+    t.bn(ch[0]);
+    let mut ip = ch[0];
+    if cfg.arch.is_c() {
+        t.layer(&mut ip, ch[0], l[0], 1);
+        t.layer(&mut ip, ch[1], l[1], 2);
+    } else {
+        t.conv_layers(&mut ip, ch[0], l[0], 1);
+        t.conv_layers(&mut ip, ch[1], l[1], 2);
+    }
+    t.layer(&mut ip, ch[2], l[2], 2);
+    t.layer(&mut ip, ch[3], l[3], 2);
+    t.layer(&mut ip, ch[4], l[4], 1);
+    t.layer(&mut ip, ch[5], l[5], 1);
+    if cfg.arch.is_c() {
+        t.layer(&mut ip, ch[6], l[6], 1);
+        t.layer(&mut ip, ch[7], l[7], 1);
+    } else {
+        t.conv_layers(&mut ip, ch[6], l[6], 1);
+        t.conv_layers(&mut ip, ch[7], l[7], 1);
+    }
+    let side = t.side;
+    if cfg.attention {
+        t.conv(ip, 1, 1, 1, true);
+    }
+    if cfg.map_head {
+        t.conv(ip, 1, 1, 1, true);
+    }
+    t.side = 1;
+    t.conv(fc_inputs(cfg.pooling, ip), 1, 1, 1, true);
+    t.side = side;
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Arch; 4] = [Arch::DrnC26, Arch::DrnC42, Arch::DrnD22, Arch::DrnD38];
+
+    fn millions(n: usize) -> f64 {
+        n as f64 / 1e6
+    }
+
+    #[test]
+    fn parameter_counts_match_the_reference() {
+        let c26 = count_parameters(&DrnConfig::new(Arch::DrnC26, 1));
+        let d22 = count_parameters(&DrnConfig::new(Arch::DrnD22, 1));
+        assert!((millions(c26) - 20.61).abs() < 0.01, "DRN-C-26: {c26}");
+        assert!((millions(d22) - 15.88).abs() < 0.01, "DRN-D-22: {d22}");
+    }
+
+    #[test]
+    fn multiply_adds_at_1024_match_the_notes() {
+        let c26 = multiply_adds(&DrnConfig::new(Arch::DrnC26, 1), 1024) as f64 / 1e9;
+        let d22 = multiply_adds(&DrnConfig::new(Arch::DrnD22, 1), 1024) as f64 / 1e9;
+        assert!((c26 - 353.0).abs() / 353.0 < 0.01, "DRN-C-26: {c26} G");
+        assert!((d22 - 271.0).abs() / 271.0 < 0.01, "DRN-D-22: {d22} G");
+    }
+
+    #[test]
+    fn the_analytic_count_matches_the_built_network() {
+        for arch in ALL {
+            for (pooling, map_head, attention, in_channels) in [
+                (Pooling::Avg, false, false, 1),
+                (Pooling::Spp, true, true, 2),
+                (Pooling::Avg, true, false, 2),
+            ] {
+                let cfg = DrnConfig {
+                    arch,
+                    in_channels,
+                    channels: [4, 6, 8, 8, 12, 12, 10, 10],
+                    pooling,
+                    map_head,
+                    attention,
+                };
+                let built: usize = parameter_specs(&cfg)
+                    .expect("specs")
+                    .iter()
+                    .filter(|p| !p.is_running_stat())
+                    .map(|p| p.shape.iter().product::<usize>())
+                    .sum();
+                assert_eq!(built, count_parameters(&cfg), "{cfg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn tensor_names_follow_pytorch() {
+        let names = |arch| -> Vec<String> {
+            parameter_specs(&DrnConfig::new(arch, 1))
+                .expect("specs")
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        };
+        let c = names(Arch::DrnC26);
+        for want in [
+            "conv1.weight",
+            "bn1.running_var",
+            "layer1.0.conv1.weight",
+            "layer1.0.bn1.running_mean",
+            "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.bias",
+            "layer8.0.conv2.weight",
+            "fc.weight",
+            "fc.bias",
+        ] {
+            assert!(c.iter().any(|n| n == want), "DRN-C-26 lacks {want}");
+        }
+        let d = names(Arch::DrnD22);
+        for want in [
+            "layer0.0.weight",
+            "layer0.1.weight",
+            "layer1.0.weight",
+            "layer1.1.running_var",
+            "layer3.0.downsample.0.weight",
+            "layer8.0.weight",
+            "fc.bias",
+        ] {
+            assert!(d.iter().any(|n| n == want), "DRN-D-22 lacks {want}");
+        }
+    }
+
+    #[test]
+    fn forward_shapes_on_a_tiny_network() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for arch in ALL {
+            for (pooling, map_head, attention) in
+                [(Pooling::Avg, true, false), (Pooling::Spp, false, true)]
+            {
+                let cfg = DrnConfig {
+                    arch,
+                    in_channels: 2,
+                    channels: [4, 4, 8, 8, 8, 8, 8, 8],
+                    pooling,
+                    map_head,
+                    attention,
+                };
+                let varmap = candle_nn::VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+                let drn = Drn::new(&cfg, vb).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let x = Tensor::randn(0f32, 1.0, (3, 2, 64, 64), &dev)?;
+                let (logits, map) = drn.forward(&x)?;
+                assert_eq!(logits.dims(), &[3]);
+                match map {
+                    Some(m) => {
+                        assert!(map_head);
+                        assert_eq!(m.dims(), &[3, 8, 8]);
+                    }
+                    None => assert!(!map_head),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn adaptive_pooling_matches_pytorch_bins() -> candle_core::Result<()> {
+        // 1 x 1 x 5 x 5 holding 0..25: the 2x2 bins overlap at row/column 2.
+        let x = Tensor::arange(0f32, 25.0, &Device::Cpu)?.reshape((1, 1, 5, 5))?;
+        let got = adaptive_avg_pool_flat(&x, 2)?.to_vec2::<f32>()?;
+        let mean = |r: std::ops::Range<usize>, c: std::ops::Range<usize>| {
+            let v: Vec<f32> = r
+                .flat_map(|i| c.clone().map(move |j| (i * 5 + j) as f32))
+                .collect();
+            v.iter().sum::<f32>() / v.len() as f32
+        };
+        let want = [
+            mean(0..3, 0..3),
+            mean(0..3, 2..5),
+            mean(2..5, 0..3),
+            mean(2..5, 2..5),
+        ];
+        for (g, w) in got[0].iter().zip(want) {
+            assert!((g - w).abs() < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn serde_names() {
+        #[derive(Deserialize)]
+        struct T {
+            arch: Arch,
+            pooling: Pooling,
+        }
+        let t: T = toml::from_str("arch = \"drn_c_42\"\npooling = \"spp\"").expect("parse");
+        assert_eq!((t.arch, t.pooling), (Arch::DrnC42, Pooling::Spp));
+    }
+}

@@ -1,0 +1,145 @@
+//! The shipped untrained ensemble, end to end: transform, load, predict, refuse tampered weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use fracture_models::{manifest, transform, Ensemble, Manifest, ModelError, Prediction};
+
+fn untrained_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("untrained")
+}
+
+fn untrained() -> Manifest {
+    manifest::load(&untrained_dir().join("ensemble.toml")).expect("the shipped manifest loads")
+}
+
+/// A 600 x 450 "radiograph": black padding, a soft-tissue rectangle, a bright bone with a dark
+/// crack, and a marker letter in the border.
+fn phantom(crack: bool) -> (Vec<f32>, usize, usize) {
+    let (w, h) = (600, 450);
+    let mut img = vec![0f32; w * h];
+    for y in 60..420 {
+        for x in 80..560 {
+            let bone =
+                ((x as f32 - 320.0) / 60.0).powi(2) + ((y as f32 - 240.0) / 170.0).powi(2) < 1.0;
+            img[y * w + x] = if bone { 0.85 } else { 0.3 };
+            if crack && bone && (y as i32 - 240).abs() < 2 {
+                img[y * w + x] = 0.4;
+            }
+        }
+    }
+    for y in 10..30 {
+        img[y * w + 10..y * w + 22].fill(1.0);
+    }
+    (img, w, h)
+}
+
+fn predict_phantoms(ensemble: &Ensemble) -> Vec<Prediction> {
+    let cfg = &ensemble.manifest().transform;
+    let inputs: Vec<Vec<f32>> = [false, true]
+        .iter()
+        .map(|&crack| {
+            let (img, w, h) = phantom(crack);
+            let t = transform(&img, w, h, cfg).expect("transform");
+            assert_eq!(t.crop, [80, 60, 560, 420]);
+            t.to_tensor_data()
+        })
+        .collect();
+    let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+    ensemble.predict(&refs).expect("predict")
+}
+
+#[test]
+fn the_untrained_ensemble_scores_and_maps() {
+    let m = untrained();
+    assert!(!m.trained);
+    assert!(m.model_card.contains("RANDOM WEIGHTS"));
+    let ensemble = Ensemble::load(m, &Device::Cpu).expect("load");
+    let preds = predict_phantoms(&ensemble);
+    assert_eq!(preds.len(), 2);
+    for p in &preds {
+        assert_eq!(p.member_scores.len(), 3);
+        assert!(
+            p.member_scores.iter().all(|s| *s > 0.0 && *s < 1.0),
+            "{:?}",
+            p.member_scores
+        );
+        let mean = p.member_scores.iter().sum::<f32>() / 3.0;
+        assert!((p.score - mean).abs() < 1e-6);
+        assert_eq!(p.map_size, 32);
+        let map = p.map.as_ref().expect("two members have a map head");
+        assert_eq!(map.len(), 32 * 32);
+        assert!(map.iter().all(|v| *v > 0.0 && *v < 1.0));
+    }
+    assert_ne!(preds[0], preds[1], "different images, identical outputs");
+}
+
+#[test]
+fn predictions_are_deterministic_and_independent_of_the_batch() {
+    let a = predict_phantoms(&Ensemble::load(untrained(), &Device::Cpu).expect("load"));
+    let b = predict_phantoms(&Ensemble::load(untrained(), &Device::Cpu).expect("load"));
+    assert_eq!(a, b);
+
+    let ensemble = Ensemble::load(untrained(), &Device::Cpu).expect("load");
+    let (img, w, h) = phantom(true);
+    let t = transform(&img, w, h, &ensemble.manifest().transform).expect("transform");
+    let alone = ensemble.predict(&[&t.to_tensor_data()]).expect("predict");
+    assert!((alone[0].score - a[1].score).abs() < 1e-5);
+}
+
+#[test]
+fn the_ensemble_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Ensemble>();
+}
+
+#[test]
+fn wrong_input_sizes_are_refused() {
+    let ensemble = Ensemble::load(untrained(), &Device::Cpu).expect("load");
+    let err = ensemble.predict(&[&[0.0; 100]]).expect_err("refused");
+    assert!(matches!(err, ModelError::InvalidInput(_)));
+    assert!(err.to_string().contains("[2, 256, 256]"), "{err}");
+    assert!(ensemble.predict(&[]).expect("empty batch").is_empty());
+}
+
+#[test]
+fn tampered_weights_are_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(untrained_dir()).expect("read untrained/") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    let victim = tmp.path().join("m2-lcn-spp.safetensors");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&victim, bytes).expect("write");
+
+    let m = manifest::load(&tmp.path().join("ensemble.toml")).expect("manifest");
+    let expected = m.members[1].sha256.clone();
+    let err = Ensemble::load(m, &Device::Cpu).expect_err("tampered weights must be refused");
+    let msg = err.to_string();
+    assert!(matches!(err, ModelError::ChecksumMismatch { .. }), "{msg}");
+    assert!(msg.contains("m2-lcn-spp"), "{msg}");
+    assert!(msg.contains(&expected), "{msg}");
+    assert!(msg.contains("restore"), "{msg}");
+}
+
+#[test]
+fn weights_for_another_architecture_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut m = untrained();
+    // m2 is a DRN-C-26; give m1 (a DRN-D-22) its file and checksum.
+    std::fs::copy(
+        m.weights_path(&m.members[1]),
+        tmp.path().join("m2.safetensors"),
+    )
+    .expect("copy");
+    m.members[0].weights = PathBuf::from("m2.safetensors");
+    m.members[0].sha256 = m.members[1].sha256.clone();
+    m.members.truncate(1);
+    m.dir = tmp.path().to_path_buf();
+    let err = Ensemble::load(m, &Device::Cpu).expect_err("mismatched architecture");
+    assert!(matches!(err, ModelError::Weights { .. }), "{err}");
+    assert!(err.to_string().contains("m1-raw-map"), "{err}");
+}

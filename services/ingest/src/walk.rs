@@ -1,0 +1,87 @@
+//! Walks files and folders into inputs, telling DICOM candidates from files that plainly are not.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// One thing found under the given paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A DICOM candidate: it has the DICM marker or is named as DICOM.
+    File(PathBuf),
+    /// Plainly not DICOM (no DICM marker and not named .dcm), or a DICOMDIR index.
+    Skipped(PathBuf),
+    /// A path that could not be read; the reason holds no path (paths can name patients).
+    Unreadable(PathBuf, String),
+}
+
+fn has_dicm_marker(path: &Path) -> bool {
+    let mut buf = [0u8; 132];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) => &buf[128..132] == b"DICM",
+        Err(_) => false,
+    }
+}
+
+fn named_as_dicom(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"))
+}
+
+fn classify(path: PathBuf) -> Input {
+    if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR")) {
+        return Input::Skipped(path);
+    }
+    if named_as_dicom(&path) || has_dicm_marker(&path) {
+        Input::File(path)
+    } else {
+        Input::Skipped(path)
+    }
+}
+
+/// Every input under `paths`, files in a stable (sorted) order so a re-run sees the same order.
+pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
+    paths.iter().flat_map(|root| {
+        let items: Box<dyn Iterator<Item = Input>> = match std::fs::metadata(root) {
+            Err(e) => Box::new(std::iter::once(Input::Unreadable(root.clone(), format!("cannot open the input: {}", e.kind())))),
+            Ok(m) if m.is_file() => Box::new(std::iter::once(classify(root.clone()))),
+            Ok(_) => Box::new(walkdir::WalkDir::new(root).sort_by_file_name().into_iter().filter_map(|entry| match entry {
+                Ok(e) if e.file_type().is_file() => Some(classify(e.into_path())),
+                Ok(_) => None,
+                Err(e) => {
+                    let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.clone());
+                    let kind = e.io_error().map(|io| io.kind().to_string()).unwrap_or_else(|| "filesystem loop".into());
+                    Some(Input::Unreadable(path, format!("cannot read this folder: {kind}")))
+                }
+            })),
+        };
+        items
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_dicom_from_plainly_not() {
+        let d = tempfile::tempdir().unwrap();
+        let mut dicm = vec![0u8; 128];
+        dicm.extend_from_slice(b"DICMrest");
+        std::fs::write(d.path().join("noext"), &dicm).unwrap();
+        std::fs::write(d.path().join("notes.txt"), b"a note").unwrap();
+        std::fs::write(d.path().join("broken.dcm"), b"not really").unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/DICOMDIR"), &dicm).unwrap();
+        let got: Vec<Input> = walk(&[d.path().to_path_buf()]).collect();
+        assert_eq!(
+            got,
+            vec![
+                Input::File(d.path().join("broken.dcm")),
+                Input::File(d.path().join("noext")),
+                Input::Skipped(d.path().join("notes.txt")),
+                Input::Skipped(d.path().join("sub/DICOMDIR")),
+            ]
+        );
+        let missing: Vec<Input> = walk(&[d.path().join("nope")]).collect();
+        assert!(matches!(&missing[0], Input::Unreadable(_, why) if why.contains("not found")));
+    }
+}

@@ -1,0 +1,145 @@
+//! `fracture serve <stage>`: one stage as its own process on Kafka, with its metrics and health
+//! endpoint, stopping cleanly on SIGTERM or Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
+use fracture_shared::config::Settings;
+use fracture_shared::metrics::{self, Health, StageMetrics};
+use fracture_shared::stage::{Shutdown, StageEnv};
+use fracture_shared::store::{BlobStore, StoreConfig};
+use fracture_shared::telemetry::{self, TelemetryConfig};
+use fracture_shared::RetryPolicy;
+
+use crate::{wiring, Stage};
+
+pub async fn create_topics(settings: &Settings) -> anyhow::Result<()> {
+    let kafka: KafkaConfig = settings.section("kafka")?;
+    let bus = KafkaBus::new(kafka.clone());
+    let topics = Topics::new(&kafka.topic_prefix);
+    bus.create_topics(&topics.all(), kafka.partitions).await?;
+    for t in topics.all() {
+        println!("{t}");
+    }
+    Ok(())
+}
+
+async fn signals(stop: tokio::sync::watch::Sender<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+}
+
+pub async fn run(settings: &Settings, stage: Stage, paths: &[PathBuf], instance: &str) -> anyhow::Result<()> {
+    let tcfg: TelemetryConfig = settings.section("telemetry")?;
+    telemetry::init(&tcfg);
+    let kafka: KafkaConfig = settings.section("kafka")?;
+    let topics = Topics::new(&kafka.topic_prefix);
+    let bus: Arc<dyn Bus> = Arc::new(KafkaBus::new(kafka.clone()));
+    let store = BlobStore::open(&settings.section::<StoreConfig>("store")?)?;
+    let metrics = StageMetrics::new();
+    let health = Health::default();
+    if !tcfg.metrics_addr.is_empty() {
+        let addr = metrics::serve(&tcfg.metrics_addr, metrics.clone(), health.clone())
+            .await
+            .with_context(|| format!("cannot listen on {} for /metrics", tcfg.metrics_addr))?;
+        tracing::info!(%addr, "metrics and health endpoint");
+    }
+    let (stop, shutdown) = Shutdown::new();
+    tokio::spawn(signals(stop));
+    // Topics are created idempotently, so a fresh cluster works without a separate step.
+    loop {
+        match bus.create_topics(&topics.all(), kafka.partitions).await {
+            Ok(()) => break,
+            Err(e) if !shutdown.is_set() => {
+                tracing::warn!(error = %e, "broker not reachable yet, retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let env = StageEnv {
+        bus: bus.clone(),
+        store,
+        topics: topics.clone(),
+        metrics,
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        instance: instance.to_string(),
+        retry: settings.section::<RetryPolicy>("retry")?,
+    };
+    match stage {
+        Stage::Ingest => serve_ingest(settings, &env, paths).await?,
+        Stage::Preprocess => {
+            let (_, m) = wiring::manifest(settings, None)?;
+            fracture_preprocess::run(&env, &settings.section("preprocess")?, m.transform).await?
+        }
+        Stage::Ensemble => {
+            let e = wiring::ensemble(settings, None)?;
+            fracture_ensemble::run(&env, &settings.section("ensemble")?, e).await?
+        }
+        Stage::Postprocess => {
+            let (_, m) = wiring::manifest(settings, None)?;
+            fracture_postprocess::run(&env, &settings.section("postprocess")?, Arc::new(m)).await?
+        }
+        Stage::Audit => {
+            let cfg: fracture_audit::AuditConfig = settings.section("audit")?;
+            let db = fracture_audit::AuditDb::open(&cfg.database).await?;
+            fracture_audit::run(&env, &cfg, db.clone()).await?;
+            db.close().await;
+        }
+    }
+    Ok(())
+}
+
+async fn serve_ingest(settings: &Settings, env: &StageEnv, paths: &[PathBuf]) -> anyhow::Result<()> {
+    use fracture_ingest::{DeidPolicy, Ingest, IngestConfig, Linkage};
+    let cfg: IngestConfig = settings.section("ingest")?;
+    if cfg.key_file.is_empty() {
+        anyhow::bail!("ingest.key_file is not set: every ingest replica needs the deployment's de-identification key (at least 32 bytes; `head -c 32 /dev/urandom > key`)");
+    }
+    let policy = DeidPolicy::new(fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?, &cfg.site_code, &cfg.uid_root)?;
+    let linkage = Linkage::open(Path::new(&cfg.linkage)).with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
+    let ingest = Ingest { policy, store: env.store.clone(), topics: env.topics.clone(), linkage };
+    let mut inputs: Vec<PathBuf> = paths.to_vec();
+    if inputs.is_empty() && !cfg.input_dir.is_empty() {
+        inputs.push(PathBuf::from(&cfg.input_dir));
+    }
+    let instance = format!("{}.ingest.{}", env.topics.prefix, env.instance);
+    let mut producer = loop {
+        match env.bus.producer(&instance).await {
+            Ok(p) => break p,
+            Err(e) if !env.shutdown.is_set() => {
+                tracing::warn!(error = %e, "broker not reachable yet, retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    env.health.set_ready(true);
+    if !inputs.is_empty() {
+        let report = ingest.run_paths(&inputs, producer.as_mut(), cfg.batch, |_, _| {}).await?;
+        tracing::info!(inputs = report.inputs, produced = report.produced, dead_letters = report.dead_lettered, skipped = report.skipped, "ingest finished its inputs");
+    }
+    // Stay up (health endpoint, and the doors of later releases) until told to stop.
+    let mut shutdown: Shutdown = env.shutdown.clone();
+    shutdown.wait().await;
+    producer.close().await?;
+    Ok(())
+}
