@@ -345,6 +345,7 @@ impl StageIo for KafkaStageIo {
             .get_or_insert(consumer.context().generation.load(Ordering::SeqCst));
         let (batch, generation) = blocking(move || {
             let mut out = Vec::new();
+            let mut generation = start_gen;
             let first_deadline = Instant::now() + idle;
             let mut deadline = first_deadline;
             while out.len() < max {
@@ -352,7 +353,15 @@ impl StageIo for KafkaStageIo {
                 if now >= deadline {
                     break;
                 }
-                match consumer.poll(deadline - now) {
+                let polled = consumer.poll(deadline - now);
+                let g = consumer.context().generation.load(Ordering::SeqCst);
+                if g != generation {
+                    // A rebalance ran inside this poll: what we gathered before it belongs to the
+                    // old assignment, whose positions went back to the committed offsets.
+                    out.clear();
+                    generation = g;
+                }
+                match polled {
                     None => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "kafka poll"),
                     Some(Ok(m)) => {
@@ -382,15 +391,18 @@ impl StageIo for KafkaStageIo {
                     }
                 }
             }
-            Ok((out, consumer.context().generation.load(Ordering::SeqCst)))
+            Ok((out, generation))
         })
         .await?;
         if generation != start_gen {
-            // Partitions were revoked and re-assigned while this batch was open: their
-            // positions went back to the committed offsets, so drop what we hold.
-            self.pending.clear();
-            self.generation = None;
-            return Err(BusError::Aborted("consumer group rebalanced".into()));
+            if !self.pending.is_empty() {
+                // The caller still holds records of the old assignment from an earlier poll:
+                // they must not be committed; everything comes again from the committed offsets.
+                self.pending.clear();
+                self.generation = None;
+                return Err(BusError::Aborted("consumer group rebalanced".into()));
+            }
+            self.generation = Some(generation);
         }
         for r in &batch {
             self.pending.insert((r.topic.clone(), r.partition), r.offset + 1);

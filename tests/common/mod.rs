@@ -1,0 +1,89 @@
+//! Test inputs built from real radiographs: the fixtures the project's script fetches (pinned
+//! sha256), plus broken and non-radiograph files made from them.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::{tags, uids};
+
+/// The fixtures folder (RG3_UNCR.dcm, cat.dcm), fetched by scripts/fixtures.sh.
+pub fn fixtures() -> PathBuf {
+    if let Ok(d) = std::env::var("FRACTURE_FIXTURES") {
+        return PathBuf::from(d);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash").arg(root.join("scripts/fixtures.sh")).output().expect("run scripts/fixtures.sh");
+    assert!(out.status.success(), "scripts/fixtures.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("fixtures.sh prints its folder").trim())
+}
+
+/// What the inputs folder holds and how each must end.
+pub struct Inputs {
+    pub dir: PathBuf,
+    /// Files that must each give one finding.
+    pub good: Vec<&'static str>,
+    /// Files that must each give one dead letter, with a word the reason must contain.
+    pub bad: Vec<(&'static str, &'static str)>,
+    /// Files that are plainly not DICOM: skipped, counted, never a message.
+    pub skipped: Vec<&'static str>,
+}
+
+fn edit(src: &Path, dst: &Path, f: impl FnOnce(&mut dicom_object::DefaultDicomObject)) {
+    let mut obj = dicom_object::open_file(src).expect("fixture parses");
+    f(&mut obj);
+    obj.write_to_file(dst).expect("write test file");
+}
+
+/// Builds the standard mixed input folder in `dir`.
+pub fn build_inputs(dir: &Path) -> Inputs {
+    let fx = fixtures();
+    let rg3 = fx.join("RG3_UNCR.dcm");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::copy(&rg3, dir.join("rg3.dcm")).unwrap();
+    std::fs::copy(fx.join("cat.dcm"), dir.join("sub/cat.dcm")).unwrap();
+    std::fs::write(dir.join("empty.dcm"), b"").unwrap();
+    std::fs::write(dir.join("fake.dcm"), b"this is a note saved with a .dcm name\n").unwrap();
+    let bytes = std::fs::read(&rg3).unwrap();
+    std::fs::write(dir.join("truncated.dcm"), &bytes[..100_000]).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"reading list\n").unwrap();
+    edit(&rg3, &dir.join("no-pixels.dcm"), |o| {
+        o.remove_element(tags::PIXEL_DATA);
+        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.1")));
+    });
+    edit(&rg3, &dir.join("ct.dcm"), |o| {
+        o.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uids::CT_IMAGE_STORAGE)));
+        o.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("CT")));
+        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.2")));
+    });
+    edit(&rg3, &dir.join("sr.dcm"), |o| {
+        o.remove_element(tags::PIXEL_DATA);
+        o.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uids::BASIC_TEXT_SR_STORAGE)));
+        o.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("SR")));
+        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.3")));
+    });
+    edit(&rg3, &dir.join("jpeg2000.dcm"), |o| {
+        // JPEG 2000 is not in this build's decoders: a real-world syntax we must refuse clearly.
+        o.update_meta(|m| m.transfer_syntax = uids::JPEG2000_LOSSLESS.to_string());
+        o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new(vec![0u32], vec![vec![0xFFu8; 64]])));
+        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.4")));
+    });
+    Inputs {
+        dir: dir.to_path_buf(),
+        good: vec!["rg3.dcm", "sub/cat.dcm"],
+        bad: vec![
+            ("empty.dcm", "empty file"),
+            ("fake.dcm", "not a DICOM file"),
+            ("truncated.dcm", "cannot be parsed"),
+            ("no-pixels.dcm", "no Pixel Data"),
+            ("ct.dcm", "not a radiograph"),
+            ("sr.dcm", "not a radiograph"),
+            ("jpeg2000.dcm", "transfer syntax"),
+        ],
+        skipped: vec!["notes.txt"],
+    }
+}

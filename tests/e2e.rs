@@ -1,0 +1,270 @@
+//! End to end: five `fracture serve` processes on a real Kafka broker, fed real radiographs and
+//! broken files, must give one finding per good file and one dead letter per bad one, nothing
+//! else; and `fracture scan` on the same inputs, in one process, must give the same findings.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
+use fracture_shared::messages::{decode, DeadLetter, Deidentified, Finding, Preprocessed, Scored};
+use fracture_shared::testkit;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fracture");
+
+/// Stage processes, stopped (SIGTERM, then SIGKILL) when dropped, even if the test panics.
+struct Stages(Vec<(String, Child)>);
+
+impl Stages {
+    /// SIGTERM every stage and wait for a clean exit; returns the stages that failed to.
+    fn stop(&mut self) -> Vec<String> {
+        let mut bad = Vec::new();
+        for (_, c) in &self.0 {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        for (name, c) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) if s.success() => break,
+                    Ok(Some(s)) => {
+                        bad.push(format!("{name} exited with {s}"));
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                    _ => {
+                        let _ = c.kill();
+                        bad.push(format!("{name} did not stop within 30 s of SIGTERM"));
+                        break;
+                    }
+                }
+            }
+        }
+        self.0.clear();
+        bad
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write_config(dir: &Path, brokers: &str, prefix: &str, key: &Path) -> PathBuf {
+    let cfg = dir.join("fracture.toml");
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+partitions = 3
+[store]
+url = "{store}"
+[ingest]
+key_file = "{key}"
+linkage = "{linkage}"
+site_code = "E2E"
+[audit]
+database = "sqlite://{db}"
+[telemetry]
+metrics_addr = "127.0.0.1:0"
+log = "info"
+[model]
+manifest = "{manifest}"
+"#,
+        store = dir.join("store").display(),
+        key = key.display(),
+        linkage = dir.join("linkage.csv").display(),
+        db = dir.join("audit.db").display(),
+        manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/untrained/ensemble.toml").display(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn spawn(cfg: &Path, logs: &Path, stage: &str, extra: &[&Path]) -> (String, Child) {
+    let log = std::fs::File::create(logs.join(format!("{stage}.log"))).unwrap();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .arg("serve")
+        .arg(stage)
+        .args(extra)
+        .arg("--instance")
+        .arg("e2e-0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start fracture serve");
+    (stage.to_string(), child)
+}
+
+/// Reads every committed record on `topics` until `want` arrived (or 240 s), then a little longer
+/// to catch anything extra.
+async fn collect(bus: &KafkaBus, group: &str, topics: &[String], want: usize) -> Vec<fracture_shared::Record> {
+    let mut io = bus.consumer(group, topics, group).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while got.len() < want && Instant::now() < deadline {
+        got.extend(io.poll_batch(100, Duration::from_millis(20), Duration::from_millis(500)).await.unwrap());
+    }
+    got.extend(io.poll_batch(100, Duration::from_millis(20), Duration::from_secs(3)).await.unwrap());
+    io.close().await.unwrap();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_serve_processes_on_kafka_then_scan_agree() {
+    let work = tempfile::tempdir().unwrap();
+    let inputs = common::build_inputs(&work.path().join("inputs"));
+    let key = work.path().join("deid.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+
+    // (a) Five processes on a real broker.
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("e2e");
+    let kdir = work.path().join("kafka-run");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let cfg = write_config(&kdir, &brokers, &prefix, &key);
+    let started = Instant::now();
+    let mut stages = Stages(vec![
+        spawn(&cfg, &kdir, "preprocess", &[]),
+        spawn(&cfg, &kdir, "ensemble", &[]),
+        spawn(&cfg, &kdir, "postprocess", &[]),
+        spawn(&cfg, &kdir, "audit", &[]),
+        spawn(&cfg, &kdir, "ingest", &[&inputs.dir]),
+    ]);
+    let bus = KafkaBus::new(KafkaConfig { brokers: brokers.clone(), ..Default::default() });
+    let topics = Topics::new(&prefix);
+    let want = inputs.good.len() + inputs.bad.len();
+    let out = collect(&bus, "e2e-check", &[topics.name("findings"), topics.name("dead-letter")], want).await;
+    let kafka_seconds = started.elapsed().as_secs_f64();
+
+    let mut findings: Vec<Finding> = Vec::new();
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    for r in &out {
+        if r.topic.ends_with(".findings") {
+            findings.push(decode(&r.payload).unwrap());
+        } else {
+            dead.push(decode(&r.payload).unwrap());
+        }
+    }
+    let logs = || {
+        ["ingest", "preprocess", "ensemble", "postprocess", "audit"]
+            .iter()
+            .map(|s| format!("--- {s}\n{}", std::fs::read_to_string(kdir.join(format!("{s}.log"))).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(findings.len(), inputs.good.len(), "one finding per good file; dead letters: {dead:#?}\n{}", logs());
+    assert_eq!(dead.len(), inputs.bad.len(), "one dead letter per bad file: {dead:#?}");
+
+    // Every dead letter names its input pseudonymously and says why, specifically.
+    let sources = std::fs::read_to_string(kdir.join("linkage.csv")).unwrap();
+    let source_of: HashMap<String, String> = sources
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect();
+    let mut reasons: BTreeMap<String, String> = BTreeMap::new();
+    for d in &dead {
+        let input = d.input.clone().expect("dead letter carries its input reference");
+        assert!(!d.reason.contains(&*inputs.dir.to_string_lossy()), "no paths on the bus: {}", d.reason);
+        let src = source_of.get(&input).unwrap_or_else(|| panic!("input {input} not in linkage"));
+        let name = Path::new(src).strip_prefix(&inputs.dir).unwrap().display().to_string();
+        reasons.insert(name, d.reason.clone());
+    }
+    for (file, word) in &inputs.bad {
+        let r = reasons.get(*file).unwrap_or_else(|| panic!("no dead letter for {file}: {reasons:#?}"));
+        assert!(r.contains(word), "{file}: reason {r:?} should say {word:?}");
+    }
+
+    // Nothing else on the intermediate topics: each radiograph that passed ingest appears once.
+    let passed_ingest = inputs.good.len() + 2; // no-pixels and jpeg2000 fail in preprocess
+    let mids = collect(&bus, "e2e-mid", &[topics.name("deidentified"), topics.name("preprocessed"), topics.name("scored")], passed_ingest + 2 * inputs.good.len()).await;
+    let count = |suffix: &str| mids.iter().filter(|r| r.topic.ends_with(suffix)).count();
+    assert_eq!(count(".deidentified"), passed_ingest);
+    assert_eq!(count(".preprocessed"), inputs.good.len());
+    assert_eq!(count(".scored"), inputs.good.len());
+    for r in &mids {
+        match &r.topic {
+            t if t.ends_with(".deidentified") => drop(decode::<Deidentified>(&r.payload).unwrap()),
+            t if t.ends_with(".preprocessed") => drop(decode::<Preprocessed>(&r.payload).unwrap()),
+            _ => drop(decode::<Scored>(&r.payload).unwrap()),
+        }
+        assert!(r.header("traceparent").is_some(), "trace context travels in headers");
+    }
+
+    let failures = stages.stop();
+    assert!(failures.is_empty(), "graceful shutdown: {failures:?}\n{}", logs());
+    let db = fracture_audit::AuditDb::open(&format!("sqlite://{}", kdir.join("audit.db").display())).await.unwrap();
+    assert_eq!(db.count().await.unwrap(), inputs.good.len() as i64, "audit holds one row per radiograph");
+    db.close().await;
+
+    // (b) The same inputs through `fracture scan`, one process, no broker.
+    let sdir = work.path().join("scan-out");
+    let started = Instant::now();
+    let st = Command::new(BIN)
+        .arg("--set")
+        .arg("ingest.site_code=E2E")
+        .arg("scan")
+        .arg(&inputs.dir)
+        .arg("--out")
+        .arg(&sdir)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--model")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/untrained/ensemble.toml"))
+        .output()
+        .unwrap();
+    let scan_seconds = started.elapsed().as_secs_f64();
+    assert!(st.status.success(), "scan failed: {}", String::from_utf8_lossy(&st.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(sdir.join("findings.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), findings.len());
+    for f in &findings {
+        let s = lines
+            .iter()
+            .find(|l| l["sop_instance_uid"] == f.id.sop_instance_uid.as_str())
+            .unwrap_or_else(|| panic!("scan has no finding for {}", f.id.sop_instance_uid));
+        assert_eq!(s["study_instance_uid"], f.id.study_instance_uid.as_str());
+        assert_eq!(s["region"], f.region.as_str());
+        assert!((s["score"].as_f64().unwrap() - f.score as f64).abs() < 1e-5, "scores agree: {} vs {}", s["score"], f.score);
+        assert_eq!(s["fracture"], f.fracture);
+        assert_eq!(s["boxes"].as_array().unwrap().len(), f.boxes.len());
+        assert_eq!(s["model_trained"], false);
+    }
+    let dead_lines = std::fs::read_to_string(sdir.join("dead-letter.jsonl")).unwrap();
+    assert_eq!(dead_lines.lines().count(), inputs.bad.len());
+    for (file, word) in &inputs.bad {
+        let line = dead_lines
+            .lines()
+            .find(|l| l.contains(&format!("{}\"", inputs.dir.join(file).display())))
+            .unwrap_or_else(|| panic!("scan has no dead letter for {file}:\n{dead_lines}"));
+        assert!(line.contains(word), "{line}");
+    }
+    let report = std::fs::read_to_string(sdir.join("report.html")).unwrap();
+    assert!(report.contains("never trained"), "the report says the model is untrained");
+    for f in &findings {
+        assert!(report.contains(&f.id.sop_instance_uid));
+    }
+    let n = inputs.good.len() as f64;
+    println!(
+        "e2e: {n} radiographs + {} bad files; kafka (5 processes, incl. start-up): {kafka_seconds:.1} s = {:.2} radiographs/s; scan: {scan_seconds:.1} s = {:.2} radiographs/s",
+        inputs.bad.len(),
+        n / kafka_seconds,
+        n / scan_seconds
+    );
+}
