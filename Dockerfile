@@ -19,6 +19,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked --bin fracture; \
     install -D -m 0755 target/release/fracture /out/usr/local/bin/fracture; \
     mkdir -p /out/usr/share/fracture/models; \
+    cp -r models/untrained /out/usr/share/fracture/models/untrained; \
     if [ -d models/demo ]; then cp -r models/demo /out/usr/share/fracture/models/demo; fi
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
@@ -29,7 +30,7 @@ RUN set -eux; \
     groupadd --system --gid 10001 fracture; \
     useradd --system --uid 10001 --gid fracture --home-dir /var/lib/fracture \
         --shell /usr/sbin/nologin fracture; \
-    mkdir -p /data/store /var/lib/fracture/audit /input; \
+    mkdir -p /data/store /var/lib/fracture/audit /var/lib/fracture/edge /input; \
     chown -R fracture:fracture /data /var/lib/fracture
 COPY --from=builder /out/ /
 # Named volumes mounted on these folders start out owned by the fracture user (docker-compose.yml:
@@ -37,6 +38,8 @@ COPY --from=builder /out/ /
 USER 10001:10001
 WORKDIR /var/lib/fracture
 ENV RUST_BACKTRACE=1
+# Until a trained ensemble ships, the image serves the untrained pipeline-test ensemble.
+ENV FRACTURE__MODEL__MANIFEST=/usr/share/fracture/models/untrained/ensemble.toml
 EXPOSE 9100
 ENTRYPOINT ["fracture"]
 CMD ["--help"]

@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "fracture", version, about = "Fracture detection on musculoskeletal radiographs (Jones et al. 2020), streaming on Kafka")]
+#[command(
+    name = "fracture",
+    version,
+    about = "Fracture detection on musculoskeletal radiographs (Jones et al. 2020), streaming on Kafka"
+)]
 struct Cli {
     /// Configuration file (default: ./fracture.toml if present).
     #[arg(long, global = true, value_name = "FILE")]
@@ -89,16 +93,37 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = fracture_shared::config::Settings::load(cli.config.as_deref(), &cli.set)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Scan { paths, out, key_file, model } => {
-            runtime.block_on(scan::run(&settings, &paths, &out, key_file.as_deref(), model.as_deref()))
-        }
-        Command::Serve { stage, paths, instance } => {
-            let instance = instance.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "0".into());
+        Command::Scan {
+            paths,
+            out,
+            key_file,
+            model,
+        } => runtime.block_on(scan::run(
+            &settings,
+            &paths,
+            &out,
+            key_file.as_deref(),
+            model.as_deref(),
+        )),
+        Command::Serve {
+            stage,
+            paths,
+            instance,
+        } => {
+            let instance = instance
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "0".into());
             runtime.block_on(serve::run(&settings, stage, &paths, &instance))
         }
         Command::Topics => runtime.block_on(serve::create_topics(&settings)),
-        Command::Model(ModelCommand::Summary { arch, input, channels }) => wiring::model_summary(&arch, input, channels),
+        Command::Model(ModelCommand::Summary {
+            arch,
+            input,
+            channels,
+        }) => wiring::model_summary(&arch, input, channels),
     }
 }

@@ -6,10 +6,19 @@ use fracture_models::Manifest;
 use crate::scan::{DeadLetterLine, FindingLine, ScanSummary};
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
-pub fn html(m: &Manifest, findings: &[FindingLine], dead: &[DeadLetterLine], regions: &[RegionCount], s: &ScanSummary) -> String {
+pub fn html(
+    m: &Manifest,
+    findings: &[FindingLine],
+    dead: &[DeadLetterLine],
+    regions: &[RegionCount],
+    s: &ScanSummary,
+) -> String {
     let mut h = String::new();
     h.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fracture scan report</title><style>");
     h.push_str("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}th{background:#f3f3f3}.warn{background:#fff3cd;border:2px solid #e0a800;padding:1em;font-weight:bold}.pos{color:#b00;font-weight:bold}.num{text-align:right;font-variant-numeric:tabular-nums}");
@@ -34,11 +43,25 @@ pub fn html(m: &Manifest, findings: &[FindingLine], dead: &[DeadLetterLine], reg
     ));
     h.push_str("<h2>By region</h2><table><tr><th>region</th><th>radiographs</th><th>called fracture</th></tr>");
     for r in regions {
-        h.push_str(&format!("<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>", esc(&r.region), r.radiographs, r.positive));
+        h.push_str(&format!(
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            esc(&r.region),
+            r.radiographs,
+            r.positive
+        ));
     }
     h.push_str("</table><h2>Radiographs</h2><table><tr><th>SOP Instance UID (pseudonym)</th><th>region</th><th>score</th><th>threshold</th><th>call</th><th>boxes (original pixels)</th></tr>");
     for f in findings {
-        let boxes: Vec<String> = f.boxes.iter().map(|b| format!("({:.0},{:.0})-({:.0},{:.0}) {:.2}", b.x0, b.y0, b.x1, b.y1, b.score)).collect();
+        let boxes: Vec<String> = f
+            .boxes
+            .iter()
+            .map(|b| {
+                format!(
+                    "({:.0},{:.0})-({:.0},{:.0}) {:.2}",
+                    b.x0, b.y0, b.x1, b.y1, b.score
+                )
+            })
+            .collect();
         h.push_str(&format!(
             "<tr><td><code>{}</code></td><td>{}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td{}>{}</td><td>{}</td></tr>",
             esc(&f.sop_instance_uid),

@@ -106,18 +106,31 @@ pub struct ScanSummary {
     pub seconds: f64,
 }
 
-pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: Option<&Path>, model: Option<&Path>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    paths: &[PathBuf],
+    out: &Path,
+    key_file: Option<&Path>,
+    model: Option<&Path>,
+) -> anyhow::Result<()> {
     let mut tcfg: fracture_shared::telemetry::TelemetryConfig = settings.section("telemetry")?;
     if tcfg.log == fracture_shared::telemetry::TelemetryConfig::default().log {
         // The progress bar is the scan's voice; only warnings and errors interrupt it.
         tcfg.log = "warn".into();
     }
     fracture_shared::telemetry::init(&tcfg);
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let started = Instant::now();
     let ingest_cfg: IngestConfig = settings.section("ingest")?;
-    let policy = DeidPolicy::new(key(out, key_file, &ingest_cfg.key_file)?, &ingest_cfg.site_code, &ingest_cfg.uid_root)?;
-    let store = BlobStore::open(&StoreConfig { url: out.join("store").display().to_string() })?;
+    let policy = DeidPolicy::new(
+        key(out, key_file, &ingest_cfg.key_file)?,
+        &ingest_cfg.site_code,
+        &ingest_cfg.uid_root,
+    )?;
+    let store = BlobStore::open(&StoreConfig {
+        url: out.join("store").display().to_string(),
+    })?;
     let linkage_path = out.join("linkage.csv");
     let linkage = Linkage::open(&linkage_path).context("opening linkage.csv")?;
     let ensemble = wiring::ensemble(settings, model)?;
@@ -138,7 +151,13 @@ pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: O
         bus.register_group(&format!("{}.{stage}", topics.prefix), &topic)?;
     }
     let collector_group = "scan-collector";
-    let mut collector = bus.consumer(collector_group, &[findings_t.clone(), dead_t.clone()], "scan").await?;
+    let mut collector = bus
+        .consumer(
+            collector_group,
+            &[findings_t.clone(), dead_t.clone()],
+            "scan",
+        )
+        .await?;
 
     let (stop, shutdown) = Shutdown::new();
     let env = StageEnv {
@@ -154,28 +173,44 @@ pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: O
     let (failed_tx, mut failed_rx) = watch::channel::<Option<String>>(None);
     let mut tasks = Vec::new();
     {
-        let (e, c, t) = (env.clone(), settings.section::<PreprocessConfig>("preprocess")?, manifest.transform.clone());
+        let (e, c, t) = (
+            env.clone(),
+            settings.section::<PreprocessConfig>("preprocess")?,
+            manifest.transform.clone(),
+        );
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = fracture_preprocess::run(&e, &c, t).await {
                 let _ = f.send(Some(err.to_string()));
             }
         }));
-        let (e, c, m) = (env.clone(), settings.section::<EnsembleConfig>("ensemble")?, ensemble.clone());
+        let (e, c, m) = (
+            env.clone(),
+            settings.section::<EnsembleConfig>("ensemble")?,
+            ensemble.clone(),
+        );
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = fracture_ensemble::run(&e, &c, m).await {
                 let _ = f.send(Some(err.to_string()));
             }
         }));
-        let (e, c, m) = (env.clone(), settings.section::<PostprocessConfig>("postprocess")?, manifest.clone());
+        let (e, c, m) = (
+            env.clone(),
+            settings.section::<PostprocessConfig>("postprocess")?,
+            manifest.clone(),
+        );
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = fracture_postprocess::run(&e, &c, m).await {
                 let _ = f.send(Some(err.to_string()));
             }
         }));
-        let (e, c, d) = (env.clone(), settings.section::<AuditConfig>("audit")?, db.clone());
+        let (e, c, d) = (
+            env.clone(),
+            settings.section::<AuditConfig>("audit")?,
+            db.clone(),
+        );
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = fracture_audit::run(&e, &c, d).await {
@@ -186,13 +221,20 @@ pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: O
 
     let bar = ProgressBar::new_spinner();
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} radiographs done ({per_sec}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} {pos} radiographs done ({per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
 
     // Ingest runs beside the collector, so results stream out while files are still being read.
-    let ingest = Ingest { policy, store: store.clone(), topics: topics.clone(), linkage };
+    let ingest = Ingest {
+        policy,
+        store: store.clone(),
+        topics: topics.clone(),
+        linkage,
+    };
     let mut producer = bus.producer("scan-ingest").await?;
     let ingest_bar = bar.clone();
     let mut ingested = 0u64;
@@ -291,7 +333,10 @@ pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: O
     };
     let regions = db.by_region().await?;
     db.close().await;
-    std::fs::write(out.join("report.html"), report::html(&manifest, &findings, &dead, &regions, &summary))?;
+    std::fs::write(
+        out.join("report.html"),
+        report::html(&manifest, &findings, &dead, &regions, &summary),
+    )?;
     let rate = summary.findings as f64 / summary.seconds.max(1e-9);
     println!(
         "scanned {} inputs in {:.1} s ({rate:.2} radiographs/s): {} findings ({} fracture), {} dead letters, {} files skipped as not DICOM",
@@ -303,7 +348,10 @@ pub async fn run(settings: &Settings, paths: &[PathBuf], out: &Path, key_file: O
         summary.skipped
     );
     if !manifest.trained {
-        println!("WARNING: model {} was never trained; its scores mean nothing.", manifest.model_version);
+        println!(
+            "WARNING: model {} was never trained; its scores mean nothing.",
+            manifest.model_version
+        );
     }
     println!("results in {}", out.display());
     Ok(())

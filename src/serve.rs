@@ -46,7 +46,12 @@ async fn signals(stop: tokio::sync::watch::Sender<bool>) {
     let _ = stop.send(true);
 }
 
-pub async fn run(settings: &Settings, stage: Stage, paths: &[PathBuf], instance: &str) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    stage: Stage,
+    paths: &[PathBuf],
+    instance: &str,
+) -> anyhow::Result<()> {
     let tcfg: TelemetryConfig = settings.section("telemetry")?;
     telemetry::init(&tcfg);
     let kafka: KafkaConfig = settings.section("kafka")?;
@@ -108,15 +113,29 @@ pub async fn run(settings: &Settings, stage: Stage, paths: &[PathBuf], instance:
     Ok(())
 }
 
-async fn serve_ingest(settings: &Settings, env: &StageEnv, paths: &[PathBuf]) -> anyhow::Result<()> {
+async fn serve_ingest(
+    settings: &Settings,
+    env: &StageEnv,
+    paths: &[PathBuf],
+) -> anyhow::Result<()> {
     use fracture_ingest::{DeidPolicy, Ingest, IngestConfig, Linkage};
     let cfg: IngestConfig = settings.section("ingest")?;
     if cfg.key_file.is_empty() {
         anyhow::bail!("ingest.key_file is not set: every ingest replica needs the deployment's de-identification key (at least 32 bytes; `head -c 32 /dev/urandom > key`)");
     }
-    let policy = DeidPolicy::new(fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?, &cfg.site_code, &cfg.uid_root)?;
-    let linkage = Linkage::open(Path::new(&cfg.linkage)).with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
-    let ingest = Ingest { policy, store: env.store.clone(), topics: env.topics.clone(), linkage };
+    let policy = DeidPolicy::new(
+        fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?,
+        &cfg.site_code,
+        &cfg.uid_root,
+    )?;
+    let linkage = Linkage::open(Path::new(&cfg.linkage))
+        .with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
+    let ingest = Ingest {
+        policy,
+        store: env.store.clone(),
+        topics: env.topics.clone(),
+        linkage,
+    };
     let mut inputs: Vec<PathBuf> = paths.to_vec();
     if inputs.is_empty() && !cfg.input_dir.is_empty() {
         inputs.push(PathBuf::from(&cfg.input_dir));
@@ -134,8 +153,16 @@ async fn serve_ingest(settings: &Settings, env: &StageEnv, paths: &[PathBuf]) ->
     };
     env.health.set_ready(true);
     if !inputs.is_empty() {
-        let report = ingest.run_paths(&inputs, producer.as_mut(), cfg.batch, |_, _| {}).await?;
-        tracing::info!(inputs = report.inputs, produced = report.produced, dead_letters = report.dead_lettered, skipped = report.skipped, "ingest finished its inputs");
+        let report = ingest
+            .run_paths(&inputs, producer.as_mut(), cfg.batch, |_, _| {})
+            .await?;
+        tracing::info!(
+            inputs = report.inputs,
+            produced = report.produced,
+            dead_letters = report.dead_lettered,
+            skipped = report.skipped,
+            "ingest finished its inputs"
+        );
     }
     // Stay up (health endpoint, and the doors of later releases) until told to stop.
     let mut shutdown: Shutdown = env.shutdown.clone();

@@ -14,10 +14,16 @@ pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
     }
 }
 
-pub fn manifest(settings: &Settings, over: Option<&Path>) -> anyhow::Result<(ModelConfig, Manifest)> {
+pub fn manifest(
+    settings: &Settings,
+    over: Option<&Path>,
+) -> anyhow::Result<(ModelConfig, Manifest)> {
     let cfg: ModelConfig = settings.section("model")?;
-    let path = over.map(Path::to_path_buf).unwrap_or_else(|| cfg.manifest.clone().into());
-    let m = fracture_models::manifest::load(&path).with_context(|| format!("loading the ensemble manifest {}", path.display()))?;
+    let path = over
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| cfg.manifest.clone().into());
+    let m = fracture_models::manifest::load(&path)
+        .with_context(|| format!("loading the ensemble manifest {}", path.display()))?;
     Ok((cfg, m))
 }
 
@@ -32,8 +38,12 @@ pub fn ensemble(settings: &Settings, over: Option<&Path>) -> anyhow::Result<Arc<
 
 pub fn model_summary(arch: &str, input: usize, channels: usize) -> anyhow::Result<()> {
     use fracture_models::drn::{count_parameters, multiply_adds, Arch, DrnConfig};
-    let a: Arch = serde_json::from_value(serde_json::Value::String(arch.to_string()))
-        .map_err(|_| anyhow::anyhow!("unknown architecture {arch:?}; choose drn_c_26, drn_c_42, drn_d_22 or drn_d_38"))?;
+    let a: Arch =
+        serde_json::from_value(serde_json::Value::String(arch.to_string())).map_err(|_| {
+            anyhow::anyhow!(
+                "unknown architecture {arch:?}; choose drn_c_26, drn_c_42, drn_d_22 or drn_d_38"
+            )
+        })?;
     let cfg = DrnConfig::new(a, channels);
     cfg.validate()?;
     let params = count_parameters(&cfg);

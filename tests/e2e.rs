@@ -23,7 +23,10 @@ impl Stages {
     fn stop(&mut self) -> Vec<String> {
         let mut bad = Vec::new();
         for (_, c) in &self.0 {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
         }
         for (name, c) in &mut self.0 {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -34,7 +37,9 @@ impl Stages {
                         bad.push(format!("{name} exited with {s}"));
                         break;
                     }
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
                     _ => {
                         let _ = c.kill();
                         bad.push(format!("{name} did not stop within 30 s of SIGTERM"));
@@ -82,7 +87,9 @@ manifest = "{manifest}"
         key = key.display(),
         linkage = dir.join("linkage.csv").display(),
         db = dir.join("audit.db").display(),
-        manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/untrained/ensemble.toml").display(),
+        manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/untrained/ensemble.toml")
+            .display(),
     );
     std::fs::write(&cfg, text).unwrap();
     cfg
@@ -107,14 +114,27 @@ fn spawn(cfg: &Path, logs: &Path, stage: &str, extra: &[&Path]) -> (String, Chil
 
 /// Reads every committed record on `topics` until `want` arrived (or 240 s), then a little longer
 /// to catch anything extra.
-async fn collect(bus: &KafkaBus, group: &str, topics: &[String], want: usize) -> Vec<fracture_shared::Record> {
+async fn collect(
+    bus: &KafkaBus,
+    group: &str,
+    topics: &[String],
+    want: usize,
+) -> Vec<fracture_shared::Record> {
     let mut io = bus.consumer(group, topics, group).await.unwrap();
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     while got.len() < want && Instant::now() < deadline {
-        got.extend(io.poll_batch(100, Duration::from_millis(20), Duration::from_millis(500)).await.unwrap());
+        got.extend(
+            io.poll_batch(100, Duration::from_millis(20), Duration::from_millis(500))
+                .await
+                .unwrap(),
+        );
     }
-    got.extend(io.poll_batch(100, Duration::from_millis(20), Duration::from_secs(3)).await.unwrap());
+    got.extend(
+        io.poll_batch(100, Duration::from_millis(20), Duration::from_secs(3))
+            .await
+            .unwrap(),
+    );
     io.close().await.unwrap();
     got
 }
@@ -140,10 +160,19 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         spawn(&cfg, &kdir, "audit", &[]),
         spawn(&cfg, &kdir, "ingest", &[&inputs.dir]),
     ]);
-    let bus = KafkaBus::new(KafkaConfig { brokers: brokers.clone(), ..Default::default() });
+    let bus = KafkaBus::new(KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    });
     let topics = Topics::new(&prefix);
     let want = inputs.good.len() + inputs.bad.len();
-    let out = collect(&bus, "e2e-check", &[topics.name("findings"), topics.name("dead-letter")], want).await;
+    let out = collect(
+        &bus,
+        "e2e-check",
+        &[topics.name("findings"), topics.name("dead-letter")],
+        want,
+    )
+    .await;
     let kafka_seconds = started.elapsed().as_secs_f64();
 
     let mut findings: Vec<Finding> = Vec::new();
@@ -158,12 +187,26 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     let logs = || {
         ["ingest", "preprocess", "ensemble", "postprocess", "audit"]
             .iter()
-            .map(|s| format!("--- {s}\n{}", std::fs::read_to_string(kdir.join(format!("{s}.log"))).unwrap_or_default()))
+            .map(|s| {
+                format!(
+                    "--- {s}\n{}",
+                    std::fs::read_to_string(kdir.join(format!("{s}.log"))).unwrap_or_default()
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert_eq!(findings.len(), inputs.good.len(), "one finding per good file; dead letters: {dead:#?}\n{}", logs());
-    assert_eq!(dead.len(), inputs.bad.len(), "one dead letter per bad file: {dead:#?}");
+    assert_eq!(
+        findings.len(),
+        inputs.good.len(),
+        "one finding per good file; dead letters: {dead:#?}\n{}",
+        logs()
+    );
+    assert_eq!(
+        dead.len(),
+        inputs.bad.len(),
+        "one dead letter per bad file: {dead:#?}"
+    );
 
     // Every dead letter names its input pseudonymously and says why, specifically.
     let sources = std::fs::read_to_string(kdir.join("linkage.csv")).unwrap();
@@ -177,20 +220,45 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         .collect();
     let mut reasons: BTreeMap<String, String> = BTreeMap::new();
     for d in &dead {
-        let input = d.input.clone().expect("dead letter carries its input reference");
-        assert!(!d.reason.contains(&*inputs.dir.to_string_lossy()), "no paths on the bus: {}", d.reason);
-        let src = source_of.get(&input).unwrap_or_else(|| panic!("input {input} not in linkage"));
-        let name = Path::new(src).strip_prefix(&inputs.dir).unwrap().display().to_string();
+        let input = d
+            .input
+            .clone()
+            .expect("dead letter carries its input reference");
+        assert!(
+            !d.reason.contains(&*inputs.dir.to_string_lossy()),
+            "no paths on the bus: {}",
+            d.reason
+        );
+        let src = source_of
+            .get(&input)
+            .unwrap_or_else(|| panic!("input {input} not in linkage"));
+        let name = Path::new(src)
+            .strip_prefix(&inputs.dir)
+            .unwrap()
+            .display()
+            .to_string();
         reasons.insert(name, d.reason.clone());
     }
     for (file, word) in &inputs.bad {
-        let r = reasons.get(*file).unwrap_or_else(|| panic!("no dead letter for {file}: {reasons:#?}"));
+        let r = reasons
+            .get(*file)
+            .unwrap_or_else(|| panic!("no dead letter for {file}: {reasons:#?}"));
         assert!(r.contains(word), "{file}: reason {r:?} should say {word:?}");
     }
 
     // Nothing else on the intermediate topics: each radiograph that passed ingest appears once.
     let passed_ingest = inputs.good.len() + 2; // no-pixels and jpeg2000 fail in preprocess
-    let mids = collect(&bus, "e2e-mid", &[topics.name("deidentified"), topics.name("preprocessed"), topics.name("scored")], passed_ingest + 2 * inputs.good.len()).await;
+    let mids = collect(
+        &bus,
+        "e2e-mid",
+        &[
+            topics.name("deidentified"),
+            topics.name("preprocessed"),
+            topics.name("scored"),
+        ],
+        passed_ingest + 2 * inputs.good.len(),
+    )
+    .await;
     let count = |suffix: &str| mids.iter().filter(|r| r.topic.ends_with(suffix)).count();
     assert_eq!(count(".deidentified"), passed_ingest);
     assert_eq!(count(".preprocessed"), inputs.good.len());
@@ -201,13 +269,27 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
             t if t.ends_with(".preprocessed") => drop(decode::<Preprocessed>(&r.payload).unwrap()),
             _ => drop(decode::<Scored>(&r.payload).unwrap()),
         }
-        assert!(r.header("traceparent").is_some(), "trace context travels in headers");
+        assert!(
+            r.header("traceparent").is_some(),
+            "trace context travels in headers"
+        );
     }
 
     let failures = stages.stop();
-    assert!(failures.is_empty(), "graceful shutdown: {failures:?}\n{}", logs());
-    let db = fracture_audit::AuditDb::open(&format!("sqlite://{}", kdir.join("audit.db").display())).await.unwrap();
-    assert_eq!(db.count().await.unwrap(), inputs.good.len() as i64, "audit holds one row per radiograph");
+    assert!(
+        failures.is_empty(),
+        "graceful shutdown: {failures:?}\n{}",
+        logs()
+    );
+    let db =
+        fracture_audit::AuditDb::open(&format!("sqlite://{}", kdir.join("audit.db").display()))
+            .await
+            .unwrap();
+    assert_eq!(
+        db.count().await.unwrap(),
+        inputs.good.len() as i64,
+        "audit holds one row per radiograph"
+    );
     db.close().await;
 
     // (b) The same inputs through `fracture scan`, one process, no broker.
@@ -227,7 +309,11 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         .output()
         .unwrap();
     let scan_seconds = started.elapsed().as_secs_f64();
-    assert!(st.status.success(), "scan failed: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "scan failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(sdir.join("findings.jsonl"))
         .unwrap()
         .lines()
@@ -241,7 +327,12 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
             .unwrap_or_else(|| panic!("scan has no finding for {}", f.id.sop_instance_uid));
         assert_eq!(s["study_instance_uid"], f.id.study_instance_uid.as_str());
         assert_eq!(s["region"], f.region.as_str());
-        assert!((s["score"].as_f64().unwrap() - f.score as f64).abs() < 1e-5, "scores agree: {} vs {}", s["score"], f.score);
+        assert!(
+            (s["score"].as_f64().unwrap() - f.score as f64).abs() < 1e-5,
+            "scores agree: {} vs {}",
+            s["score"],
+            f.score
+        );
         assert_eq!(s["fracture"], f.fracture);
         assert_eq!(s["boxes"].as_array().unwrap().len(), f.boxes.len());
         assert_eq!(s["model_trained"], false);
@@ -256,7 +347,10 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         assert!(line.contains(word), "{line}");
     }
     let report = std::fs::read_to_string(sdir.join("report.html")).unwrap();
-    assert!(report.contains("never trained"), "the report says the model is untrained");
+    assert!(
+        report.contains("never trained"),
+        "the report says the model is untrained"
+    );
     for f in &findings {
         assert!(report.contains(&f.id.sop_instance_uid));
     }

@@ -228,7 +228,7 @@ impl Manifest {
         if self.model_version.trim().is_empty() {
             return Err("model_version is empty; every finding records it, so set one".into());
         }
-        if self.input_size == 0 || self.input_size % 8 != 0 {
+        if self.input_size == 0 || !self.input_size.is_multiple_of(8) {
             return Err(format!(
                 "input_size {} must be a positive multiple of 8 (the networks' output stride)",
                 self.input_size

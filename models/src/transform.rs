@@ -48,7 +48,7 @@ impl TransformConfig {
                 self.crop_threshold
             ));
         }
-        if self.lcn_window == 0 || self.lcn_window % 2 == 0 {
+        if self.lcn_window == 0 || self.lcn_window.is_multiple_of(2) {
             return bad(format!(
                 "lcn_window {} must be odd and at least 1 so the window has a centre pixel, \
                  e.g. 9",

@@ -26,21 +26,31 @@ impl Settings {
         match file {
             Some(f) => {
                 if !f.exists() {
-                    return Err(ConfigError(format!("configuration file {} does not exist", f.display())));
+                    return Err(ConfigError(format!(
+                        "configuration file {} does not exist",
+                        f.display()
+                    )));
                 }
                 b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
             }
             None => {
                 b = b.add_source(
-                    config::File::with_name("fracture.toml").format(config::FileFormat::Toml).required(false),
+                    config::File::with_name("fracture.toml")
+                        .format(config::FileFormat::Toml)
+                        .required(false),
                 )
             }
         }
         b = b.add_source(
-            config::Environment::with_prefix("FRACTURE").prefix_separator("__").separator("__").try_parsing(true),
+            config::Environment::with_prefix("FRACTURE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
         );
         for (k, v) in overrides {
-            b = b.set_override(k.as_str(), v.as_str()).map_err(|e| ConfigError(format!("{k}: {e}")))?;
+            b = b
+                .set_override(k.as_str(), v.as_str())
+                .map_err(|e| ConfigError(format!("{k}: {e}")))?;
         }
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
         Ok(Self { merged })
@@ -50,9 +60,13 @@ impl Settings {
     pub fn from_overrides(overrides: &[(&str, &str)]) -> Result<Self, ConfigError> {
         let mut b = config::Config::builder();
         for (k, v) in overrides {
-            b = b.set_override(*k, *v).map_err(|e| ConfigError(format!("{k}: {e}")))?;
+            b = b
+                .set_override(*k, *v)
+                .map_err(|e| ConfigError(format!("{k}: {e}")))?;
         }
-        Ok(Self { merged: b.build().map_err(|e| ConfigError(e.to_string()))? })
+        Ok(Self {
+            merged: b.build().map_err(|e| ConfigError(e.to_string()))?,
+        })
     }
 
     /// Reads one section into its struct; a missing section gives the struct's defaults, and an
@@ -81,10 +95,16 @@ mod tests {
         let s = Settings::load(Some(&f), &[("store.url".into(), "/from/flag".into())]).unwrap();
         assert_eq!(s.section::<StoreConfig>("store").unwrap().url, "/from/flag");
         let s = Settings::load(Some(&f), &[]).unwrap();
-        assert_eq!(s.section::<crate::bus::KafkaConfig>("kafka").unwrap(), Default::default());
+        assert_eq!(
+            s.section::<crate::bus::KafkaConfig>("kafka").unwrap(),
+            Default::default()
+        );
 
         std::fs::write(&f, "[store]\nulr = \"/typo\"\n").unwrap();
-        let e = Settings::load(Some(&f), &[]).unwrap().section::<StoreConfig>("store").unwrap_err();
+        let e = Settings::load(Some(&f), &[])
+            .unwrap()
+            .section::<StoreConfig>("store")
+            .unwrap_err();
         assert!(e.to_string().contains("ulr"), "{e}");
     }
 }
@@ -101,6 +121,9 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { manifest: "models/untrained/ensemble.toml".into(), device: "cpu".into() }
+        Self {
+            manifest: "models/untrained/ensemble.toml".into(),
+            device: "cpu".into(),
+        }
     }
 }

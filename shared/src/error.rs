@@ -16,15 +16,24 @@ pub struct StageError {
 impl StageError {
     /// The input is bad; retrying cannot help.
     pub fn data(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Data, message: message.into() }
+        Self {
+            kind: ErrorKind::Data,
+            message: message.into(),
+        }
     }
     /// A broker, store, database or peer failed; retry later.
     pub fn external(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::External, message: message.into() }
+        Self {
+            kind: ErrorKind::External,
+            message: message.into(),
+        }
     }
     /// A bug in this program.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Internal, message: message.into() }
+        Self {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+        }
     }
 }
 
@@ -52,7 +61,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { base_ms: 100, cap_ms: 30_000, internal_attempts: 3 }
+        Self {
+            base_ms: 100,
+            cap_ms: 30_000,
+            internal_attempts: 3,
+        }
     }
 }
 
@@ -67,7 +80,9 @@ impl RetryPolicy {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
+        let exp = self
+            .base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
         Duration::from_millis(exp.min(self.cap_ms))
     }
 }
@@ -80,10 +95,22 @@ mod tests {
     fn data_never_retries_external_always_internal_bounded() {
         let p = RetryPolicy::default();
         assert_eq!(p.decide(ErrorKind::Data, 1), Decision::DeadLetter);
-        assert_eq!(p.decide(ErrorKind::External, 1), Decision::Retry(Duration::from_millis(100)));
-        assert_eq!(p.decide(ErrorKind::External, 2), Decision::Retry(Duration::from_millis(200)));
-        assert_eq!(p.decide(ErrorKind::External, 1000), Decision::Retry(Duration::from_secs(30)));
-        assert!(matches!(p.decide(ErrorKind::Internal, 2), Decision::Retry(_)));
+        assert_eq!(
+            p.decide(ErrorKind::External, 1),
+            Decision::Retry(Duration::from_millis(100))
+        );
+        assert_eq!(
+            p.decide(ErrorKind::External, 2),
+            Decision::Retry(Duration::from_millis(200))
+        );
+        assert_eq!(
+            p.decide(ErrorKind::External, 1000),
+            Decision::Retry(Duration::from_secs(30))
+        );
+        assert!(matches!(
+            p.decide(ErrorKind::Internal, 2),
+            Decision::Retry(_)
+        ));
         assert_eq!(p.decide(ErrorKind::Internal, 3), Decision::DeadLetter);
     }
 }

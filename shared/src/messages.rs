@@ -278,7 +278,9 @@ mod tests {
         assert_eq!(decode::<Label>(&bytes).unwrap(), l);
         let e = decode::<Finding>(&bytes).unwrap_err();
         assert!(e.contains("fracture.label/v1"), "{e}");
-        assert!(decode::<Label>(b"\x00\x01").unwrap_err().contains("not a JSON"));
+        assert!(decode::<Label>(b"\x00\x01")
+            .unwrap_err()
+            .contains("not a JSON"));
     }
 
     #[test]

@@ -39,18 +39,25 @@ impl StageMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let processed = IntCounterVec::new(
-            Opts::new("fracture_radiographs_processed_total", "Radiographs a stage finished"),
+            Opts::new(
+                "fracture_radiographs_processed_total",
+                "Radiographs a stage finished",
+            ),
             &["stage", "region"],
         )
         .expect("valid metric");
         let dead_lettered = IntCounterVec::new(
-            Opts::new("fracture_dead_letters_total", "Inputs sent to the dead-letter topic"),
+            Opts::new(
+                "fracture_dead_letters_total",
+                "Inputs sent to the dead-letter topic",
+            ),
             &["stage", "kind"],
         )
         .expect("valid metric");
         let batch_seconds = HistogramVec::new(
-            HistogramOpts::new("fracture_stage_seconds", "Wall time per batch")
-                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            HistogramOpts::new("fracture_stage_seconds", "Wall time per batch").buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             &["stage"],
         )
         .expect("valid metric");
@@ -66,17 +73,36 @@ impl StageMetrics {
         )
         .expect("valid metric");
         let ready_gauge = IntGaugeVec::new(
-            Opts::new("fracture_ready", "1 when the stage is connected to its bus and store"),
+            Opts::new(
+                "fracture_ready",
+                "1 when the stage is connected to its bus and store",
+            ),
             &["stage"],
         )
         .expect("valid metric");
         for c in [&processed, &dead_lettered, &retries] {
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
         }
-        registry.register(Box::new(batch_seconds.clone())).expect("unique metric");
-        registry.register(Box::new(batch_size.clone())).expect("unique metric");
-        registry.register(Box::new(ready_gauge.clone())).expect("unique metric");
-        Self { registry, processed, dead_lettered, batch_seconds, batch_size, retries, ready_gauge }
+        registry
+            .register(Box::new(batch_seconds.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(batch_size.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(ready_gauge.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            processed,
+            dead_lettered,
+            batch_seconds,
+            batch_size,
+            retries,
+            ready_gauge,
+        }
     }
 
     pub fn render(&self) -> String {

@@ -70,9 +70,9 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
         return Err(StageError::data("the image has zero rows or columns"));
     }
     // Modality LUT (rescale slope/intercept) applied; f32 keeps signed and rescaled values.
-    let values: Vec<f32> = decoded.to_vec_frame(0).map_err(|e| {
-        StageError::data(format!("pixel values could not be converted: {e}"))
-    })?;
+    let values: Vec<f32> = decoded
+        .to_vec_frame(0)
+        .map_err(|e| StageError::data(format!("pixel values could not be converted: {e}")))?;
     if values.len() != width * height {
         return Err(StageError::data(format!(
             "pixel data holds {} values but the header says {}x{}: the file is truncated or \
@@ -82,7 +82,11 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
             height
         )));
     }
-    let photometric = decoded.photometric_interpretation().as_str().trim().to_string();
+    let photometric = decoded
+        .photometric_interpretation()
+        .as_str()
+        .trim()
+        .to_string();
     let invert = match photometric.as_str() {
         "MONOCHROME1" => true,
         "MONOCHROME2" => false,
@@ -92,7 +96,11 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
             )))
         }
     };
-    Ok(Radiograph { width, height, pixels: normalise(&values, invert) })
+    Ok(Radiograph {
+        width,
+        height,
+        pixels: normalise(&values, invert),
+    })
 }
 
 /// Scales to [0, 1] between the 0.1st and 99.9th percentiles (robust to dead and hot pixels
@@ -112,7 +120,7 @@ pub fn normalise(values: &[f32], invert: bool) -> Vec<f32> {
     } else {
         let lo = finite.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !(hi > lo) {
+        if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
             return vec![0.0; values.len()];
         }
         (lo, hi)
@@ -121,7 +129,11 @@ pub fn normalise(values: &[f32], invert: bool) -> Vec<f32> {
     values
         .iter()
         .map(|&v| {
-            let x = if v.is_finite() { ((v - a) * scale).clamp(0.0, 1.0) } else { 0.0 };
+            let x = if v.is_finite() {
+                ((v - a) * scale).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
             if invert {
                 1.0 - x
             } else {
@@ -133,7 +145,11 @@ pub fn normalise(values: &[f32], invert: bool) -> Vec<f32> {
 
 /// Parses a DICOM file held in memory (with or without the 128-byte preamble).
 pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, StageError> {
-    let body = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" { &bytes[128..] } else { bytes };
+    let body = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        &bytes[128..]
+    } else {
+        bytes
+    };
     if body.len() < 4 || &body[..4] != b"DICM" {
         return Err(StageError::data(
             "not a DICOM file: no DICM marker after the 128-byte preamble",
@@ -176,6 +192,9 @@ mod tests {
         assert!(e.message.contains("not a DICOM file"), "{e}");
         let mut trunc = vec![0u8; 128];
         trunc.extend_from_slice(b"DICM\x02\x00");
-        assert!(read_object(&trunc).unwrap_err().message.contains("cannot be parsed"));
+        assert!(read_object(&trunc)
+            .unwrap_err()
+            .message
+            .contains("cannot be parsed"));
     }
 }

@@ -27,22 +27,63 @@ pub const UNKNOWN: &str = "unknown";
 /// Keyword rules, most specific first: the first rule with a keyword that occurs as a word (or
 /// word prefix) in any of the texts wins. Texts are upper-cased and split on non-letters.
 const RULES: &[(&str, &[&str])] = &[
-    ("cervical_spine", &["CSPINE", "C-SPINE", "CERVICAL", "NECK", "CSP"]),
-    ("thoracolumbar_spine", &["TSPINE", "LSPINE", "THORACIC", "LUMBAR", "THORACOLUMBAR", "LSP", "TSP", "SPINE", "SACRUM", "COCCYX"]),
+    (
+        "cervical_spine",
+        &["CSPINE", "C-SPINE", "CERVICAL", "NECK", "CSP"],
+    ),
+    (
+        "thoracolumbar_spine",
+        &[
+            "TSPINE",
+            "LSPINE",
+            "THORACIC",
+            "LUMBAR",
+            "THORACOLUMBAR",
+            "LSP",
+            "TSP",
+            "SPINE",
+            "SACRUM",
+            "COCCYX",
+        ],
+    ),
     ("clavicle", &["CLAVICLE", "CLAVICULA", "CLAV", "ACJOINT"]),
-    ("shoulder", &["SHOULDER", "SCAPULA", "SHLDR", "SHOULDR", "GLENOHUMERAL"]),
+    (
+        "shoulder",
+        &["SHOULDER", "SCAPULA", "SHLDR", "SHOULDR", "GLENOHUMERAL"],
+    ),
     ("humerus", &["HUMERUS", "HUMER", "UPPERARM", "ARM"]),
     ("elbow", &["ELBOW", "OLECRANON", "ELBW"]),
     ("wrist", &["WRIST", "SCAPHOID", "CARPAL", "CARPUS", "WRST"]),
     ("forearm", &["FOREARM", "RADIUS", "ULNA", "FORARM"]),
-    ("hand", &["HAND", "FINGER", "THUMB", "METACARPAL", "PHALANX", "PHALANGES"]),
+    (
+        "hand",
+        &[
+            "HAND",
+            "FINGER",
+            "THUMB",
+            "METACARPAL",
+            "PHALANX",
+            "PHALANGES",
+        ],
+    ),
     ("hip", &["HIP", "ACETABULUM", "FEMORALNECK"]),
-    ("pelvis", &["PELVIS", "PELVIC", "SACROILIAC", "PUBIS", "ILIUM"]),
+    (
+        "pelvis",
+        &["PELVIS", "PELVIC", "SACROILIAC", "PUBIS", "ILIUM"],
+    ),
     ("femur", &["FEMUR", "THIGH", "FEMORAL"]),
     ("knee", &["KNEE", "PATELLA", "KNE"]),
-    ("tibia_fibula", &["TIBIA", "FIBULA", "TIBFIB", "TIB", "FIB", "LEG", "LOWERLEG", "SHIN"]),
+    (
+        "tibia_fibula",
+        &[
+            "TIBIA", "FIBULA", "TIBFIB", "TIB", "FIB", "LEG", "LOWERLEG", "SHIN",
+        ],
+    ),
     ("ankle", &["ANKLE", "ANKL", "MALLEOLUS", "TALUS"]),
-    ("foot", &["FOOT", "TOE", "CALCANEUS", "HEEL", "METATARSAL", "FEET"]),
+    (
+        "foot",
+        &["FOOT", "TOE", "CALCANEUS", "HEEL", "METATARSAL", "FEET"],
+    ),
 ];
 
 /// Classifies from BodyPartExamined first (a coded string), then the descriptions.
@@ -50,8 +91,10 @@ pub fn classify(texts: &[Option<&str>]) -> &'static str {
     for text in texts.iter().flatten() {
         let upper = text.to_uppercase();
         let squashed: String = upper.chars().filter(|c| c.is_ascii_alphabetic()).collect();
-        let words: Vec<&str> =
-            upper.split(|c: char| !c.is_ascii_alphabetic()).filter(|w| !w.is_empty()).collect();
+        let words: Vec<&str> = upper
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .filter(|w| !w.is_empty())
+            .collect();
         for (region, keys) in RULES {
             for key in *keys {
                 let k: String = key.chars().filter(|c| c.is_ascii_alphabetic()).collect();

@@ -22,7 +22,11 @@ pub struct Output {
 
 impl Output {
     pub fn message<M: Message>(topics: &Topics, key: &str, m: &M) -> Self {
-        Self { topic: topics.of::<M>(), key: key.to_string(), payload: encode(m) }
+        Self {
+            topic: topics.of::<M>(),
+            key: key.to_string(),
+            payload: encode(m),
+        }
     }
 }
 
@@ -44,7 +48,10 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max: 16, linger_ms: 5 }
+        Self {
+            max: 16,
+            linger_ms: 5,
+        }
     }
 }
 
@@ -83,7 +90,9 @@ pub struct StageFailed {
 
 /// Pulls `/id/input` and `/region` out of a JSON payload, for dead letters and metrics.
 fn peek(payload: &[u8]) -> (Option<String>, Option<String>) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return (None, None) };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return (None, None);
+    };
     let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
     (s("/id/input").or_else(|| s("/input")), s("/region"))
 }
@@ -97,7 +106,10 @@ impl StageRunner {
         handler: &dyn Handler,
         mut shutdown: Shutdown,
     ) -> Result<(), StageFailed> {
-        let fail = |source| StageFailed { stage: self.stage, source };
+        let fail = |source| StageFailed {
+            stage: self.stage,
+            source,
+        };
         let linger = Duration::from_millis(self.batch.linger_ms);
         let idle = Duration::from_millis(200);
         while !shutdown.is_set() {
@@ -113,7 +125,9 @@ impl StageRunner {
                 continue;
             }
             let started = Instant::now();
-            let Some(results) = self.handle_with_retries(&batch, handler, &mut shutdown).await
+            let Some(results) = self
+                .handle_with_retries(&batch, handler, &mut shutdown)
+                .await
             else {
                 // Shutting down mid-retry: leave the batch uncommitted for the next owner.
                 let _ = io.rewind().await;
@@ -127,14 +141,20 @@ impl StageRunner {
                     .and_then(telemetry::from_traceparent)
                     .unwrap_or_else(telemetry::new_trace);
                 let span = telemetry::child_of(&parent);
-                let headers = vec![(telemetry::TRACEPARENT.to_string(), telemetry::to_traceparent(&span))];
+                let headers = vec![(
+                    telemetry::TRACEPARENT.to_string(),
+                    telemetry::to_traceparent(&span),
+                )];
                 let (input, region) = peek(&record.payload);
                 match result {
                     Ok(outs) => {
                         tracing::debug!(stage = self.stage, trace_id = %span.trace_id(), outputs = outs.len(), "processed");
                         self.metrics
                             .processed
-                            .with_label_values(&[self.stage, region.as_deref().unwrap_or("unknown")])
+                            .with_label_values(&[
+                                self.stage,
+                                region.as_deref().unwrap_or("unknown"),
+                            ])
                             .inc();
                         outputs.extend(outs.into_iter().map(|o| OutRecord {
                             topic: o.topic,
@@ -148,7 +168,10 @@ impl StageRunner {
                         tracing::warn!(stage = self.stage, trace_id = %span.trace_id(), kind = ?e.kind, reason = %e.message, "dead letter");
                         self.metrics
                             .dead_lettered
-                            .with_label_values(&[self.stage, &format!("{:?}", e.kind).to_lowercase()])
+                            .with_label_values(&[
+                                self.stage,
+                                &format!("{:?}", e.kind).to_lowercase(),
+                            ])
                             .inc();
                         let letter = DeadLetter {
                             schema: schema::DEAD_LETTER.into(),
@@ -173,9 +196,20 @@ impl StageRunner {
             }
             match io.commit(outputs).await {
                 Ok(()) => {
-                    self.metrics.batch_seconds.with_label_values(&[self.stage]).observe(started.elapsed().as_secs_f64());
-                    self.metrics.batch_size.with_label_values(&[self.stage]).observe(batch.len() as f64);
-                    tracing::debug!(stage = self.stage, records = batch.len(), dead_letters = dead, "committed");
+                    self.metrics
+                        .batch_seconds
+                        .with_label_values(&[self.stage])
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .batch_size
+                        .with_label_values(&[self.stage])
+                        .observe(batch.len() as f64);
+                    tracing::debug!(
+                        stage = self.stage,
+                        records = batch.len(),
+                        dead_letters = dead,
+                        "committed"
+                    );
                 }
                 Err(BusError::Fatal(m)) => return Err(fail(BusError::Fatal(m))),
                 Err(e) => {
@@ -208,7 +242,12 @@ impl StageRunner {
                 // A handler bug; never lose records over it.
                 got = sub
                     .iter()
-                    .map(|_| Err(StageError::internal(format!("{} returned a wrong number of results", self.stage))))
+                    .map(|_| {
+                        Err(StageError::internal(format!(
+                            "{} returned a wrong number of results",
+                            self.stage
+                        )))
+                    })
                     .collect();
             }
             let mut again = Vec::new();
@@ -224,7 +263,10 @@ impl StageRunner {
                                 tracing::warn!(stage = self.stage, attempt = attempts[i], kind = ?e.kind, error = %e.message, "retrying");
                                 self.metrics
                                     .retries
-                                    .with_label_values(&[self.stage, &format!("{:?}", e.kind).to_lowercase()])
+                                    .with_label_values(&[
+                                        self.stage,
+                                        &format!("{:?}", e.kind).to_lowercase(),
+                                    ])
                                     .inc();
                                 wait = wait.max(d);
                                 again.push(i);
@@ -234,7 +276,12 @@ impl StageRunner {
                 }
             }
             if again.is_empty() {
-                return Some(results.into_iter().map(|r| r.expect("every record has a result")).collect());
+                return Some(
+                    results
+                        .into_iter()
+                        .map(|r| r.expect("every record has a result"))
+                        .collect(),
+                );
             }
             todo = again;
             tokio::select! {
@@ -271,7 +318,11 @@ impl StageEnv {
         let group = format!("{}.{}", self.topics.prefix, stage);
         let instance = format!("{group}.{}", self.instance);
         let mut io = loop {
-            match self.bus.consumer(&group, std::slice::from_ref(&input), &instance).await {
+            match self
+                .bus
+                .consumer(&group, std::slice::from_ref(&input), &instance)
+                .await
+            {
                 Ok(io) => break io,
                 Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
                     tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");
@@ -283,8 +334,16 @@ impl StageEnv {
         self.health.set_ready(true);
         self.metrics.ready_gauge.with_label_values(&[stage]).set(1);
         tracing::info!(stage, topic = %input, "consuming");
-        let runner = StageRunner { stage, topics: self.topics.clone(), metrics: self.metrics.clone(), retry: self.retry, batch };
-        let result = runner.run(io.as_mut(), handler, self.shutdown.clone()).await;
+        let runner = StageRunner {
+            stage,
+            topics: self.topics.clone(),
+            metrics: self.metrics.clone(),
+            retry: self.retry,
+            batch,
+        };
+        let result = runner
+            .run(io.as_mut(), handler, self.shutdown.clone())
+            .await;
         self.health.set_ready(false);
         self.metrics.ready_gauge.with_label_values(&[stage]).set(0);
         if let Err(e) = io.close().await {
@@ -305,8 +364,13 @@ pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn bytes_to_f32(b: &[u8]) -> Result<Vec<f32>, StageError> {
-    if b.len() % 4 != 0 {
-        return Err(StageError::data(format!("tensor blob of {} bytes is not a whole number of f32 values", b.len())));
+    if !b.len().is_multiple_of(4) {
+        return Err(StageError::data(format!(
+            "tensor blob of {} bytes is not a whole number of f32 values",
+            b.len()
+        )));
     }
-    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }

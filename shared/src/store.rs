@@ -21,7 +21,9 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: "./fracture-store".into() }
+        Self {
+            url: "./fracture-store".into(),
+        }
     }
 }
 
@@ -29,7 +31,9 @@ impl Default for StoreConfig {
 pub enum StoreError {
     #[error("claim-check store unavailable: {0}")]
     Unavailable(String),
-    #[error("object {0} is not in the claim-check store; was it written to another store, or removed?")]
+    #[error(
+        "object {0} is not in the claim-check store; was it written to another store, or removed?"
+    )]
     NotFound(String),
     #[error("object {sha256} in the claim-check store is corrupt: its content hashes to {actual}")]
     Corrupt { sha256: String, actual: String },
@@ -84,7 +88,9 @@ impl BlobStore {
         })?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| StoreError::Config(format!("cannot open the store folder {dir}: {e}")))?;
-        Ok(Self { inner: Arc::new(fs) })
+        Ok(Self {
+            inner: Arc::new(fs),
+        })
     }
 
     pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> Self {
@@ -106,15 +112,25 @@ impl BlobStore {
             }
             Err(e) => return Err(StoreError::Unavailable(e.to_string())),
         }
-        Ok(BlobRef { sha256, size, media_type: media_type.to_string() })
+        Ok(BlobRef {
+            sha256,
+            size,
+            media_type: media_type.to_string(),
+        })
     }
 
     pub async fn get(&self, blob: &BlobRef) -> Result<Bytes, StoreError> {
         if blob.sha256.len() != 64 || !blob.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(StoreError::NotFound(format!("{:?} (not a sha256)", blob.sha256)));
+            return Err(StoreError::NotFound(format!(
+                "{:?} (not a sha256)",
+                blob.sha256
+            )));
         }
         let got = match self.inner.get(&key(&blob.sha256)).await {
-            Ok(r) => r.bytes().await.map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            Ok(r) => r
+                .bytes()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(StoreError::NotFound(blob.sha256.clone()))
             }
@@ -122,7 +138,10 @@ impl BlobStore {
         };
         let actual = sha256_hex(&got);
         if actual != blob.sha256 {
-            return Err(StoreError::Corrupt { sha256: blob.sha256.clone(), actual });
+            return Err(StoreError::Corrupt {
+                sha256: blob.sha256.clone(),
+                actual,
+            });
         }
         Ok(got)
     }
@@ -143,19 +162,42 @@ mod tests {
     #[tokio::test]
     async fn put_is_content_addressed_idempotent_and_verified() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&StoreConfig { url: dir.path().display().to_string() }).unwrap();
-        let a = store.put(Bytes::from_static(b"radiograph"), "application/dicom").await.unwrap();
-        let b = store.put(Bytes::from_static(b"radiograph"), "application/dicom").await.unwrap();
+        let store = BlobStore::open(&StoreConfig {
+            url: dir.path().display().to_string(),
+        })
+        .unwrap();
+        let a = store
+            .put(Bytes::from_static(b"radiograph"), "application/dicom")
+            .await
+            .unwrap();
+        let b = store
+            .put(Bytes::from_static(b"radiograph"), "application/dicom")
+            .await
+            .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.sha256, sha256_hex(b"radiograph"));
         assert_eq!(&store.get(&a).await.unwrap()[..], b"radiograph");
 
         // Tamper with the object on disk: the read must refuse it.
-        let path = dir.path().join("sha256").join(&a.sha256[..2]).join(&a.sha256);
+        let path = dir
+            .path()
+            .join("sha256")
+            .join(&a.sha256[..2])
+            .join(&a.sha256);
         std::fs::write(&path, b"radiografh").unwrap();
-        assert!(matches!(store.get(&a).await, Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.get(&a).await,
+            Err(StoreError::Corrupt { .. })
+        ));
 
-        let missing = BlobRef { sha256: "0".repeat(64), size: 1, media_type: "x".into() };
-        assert!(matches!(store.get(&missing).await, Err(StoreError::NotFound(_))));
+        let missing = BlobRef {
+            sha256: "0".repeat(64),
+            size: 1,
+            media_type: "x".into(),
+        };
+        assert!(matches!(
+            store.get(&missing).await,
+            Err(StoreError::NotFound(_))
+        ));
     }
 }

@@ -24,7 +24,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log: "info".into(), json: false, metrics_addr: "127.0.0.1:9100".into() }
+        Self {
+            log: "info".into(),
+            json: false,
+            metrics_addr: "127.0.0.1:9100".into(),
+        }
     }
 }
 
@@ -34,9 +38,15 @@ pub fn init(cfg: &TelemetryConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
-    let _ = if cfg.json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if cfg.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// A new trace for a radiograph entering the system.
@@ -69,7 +79,12 @@ pub fn child_of(parent: &SpanContext) -> SpanContext {
 }
 
 pub fn to_traceparent(c: &SpanContext) -> String {
-    format!("00-{}-{}-{:02x}", c.trace_id(), c.span_id(), c.trace_flags().to_u8())
+    format!(
+        "00-{}-{}-{:02x}",
+        c.trace_id(),
+        c.span_id(),
+        c.trace_flags().to_u8()
+    )
 }
 
 /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; anything else starts a new trace upstream.
@@ -84,7 +99,13 @@ pub fn from_traceparent(v: &str) -> Option<SpanContext> {
     if trace == TraceId::INVALID || span == SpanId::INVALID {
         return None;
     }
-    Some(SpanContext::new(trace, span, TraceFlags::new(flags), true, TraceState::default()))
+    Some(SpanContext::new(
+        trace,
+        span,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    ))
 }
 
 #[cfg(test)]
@@ -101,6 +122,8 @@ mod tests {
         assert_eq!(c.trace_id(), t.trace_id());
         assert_ne!(c.span_id(), t.span_id());
         assert!(from_traceparent("00-zz-11-01").is_none());
-        assert!(from_traceparent(&format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16))).is_none());
+        assert!(
+            from_traceparent(&format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16))).is_none()
+        );
     }
 }

@@ -56,5 +56,10 @@ pub fn kafka_brokers() -> String {
 /// A topic prefix no other test uses, so tests never see each other's data.
 pub fn unique_prefix(name: &str) -> String {
     use rand::Rng;
-    format!("t{}-{}-{:08x}", std::process::id(), name, rand::rng().random::<u32>())
+    format!(
+        "t{}-{}-{:08x}",
+        std::process::id(),
+        name,
+        rand::rng().random::<u32>()
+    )
 }

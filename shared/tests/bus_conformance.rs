@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fracture_shared::bus::{Bus, InProcBus, KafkaBus, KafkaConfig, OutRecord, Record, StageIo, Topics};
+use fracture_shared::bus::{
+    Bus, InProcBus, KafkaBus, KafkaConfig, OutRecord, Record, StageIo, Topics,
+};
 use fracture_shared::error::{RetryPolicy, StageError};
 use fracture_shared::messages::{decode, DeadLetter, ErrorKind};
 use fracture_shared::metrics::StageMetrics;
@@ -14,21 +16,35 @@ use fracture_shared::stage::{BatchConfig, Handler, Output, Shutdown, StageRunner
 use fracture_shared::testkit;
 
 fn out(topic: &str, key: &str, payload: &str) -> OutRecord {
-    OutRecord { topic: topic.into(), key: key.into(), payload: payload.as_bytes().to_vec(), headers: vec![] }
+    OutRecord {
+        topic: topic.into(),
+        key: key.into(),
+        payload: payload.as_bytes().to_vec(),
+        headers: vec![],
+    }
 }
 
 /// Reads everything committed on `topics` until `want` records arrived or 90 s passed.
 async fn drain(bus: &dyn Bus, group: &str, topics: &[String], want: usize) -> Vec<Record> {
-    let mut io = bus.consumer(group, topics, &format!("{group}-reader")).await.unwrap();
+    let mut io = bus
+        .consumer(group, topics, &format!("{group}-reader"))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while got.len() < want && Instant::now() < deadline {
-        let b = io.poll_batch(500, Duration::from_millis(20), Duration::from_millis(300)).await.unwrap();
+        let b = io
+            .poll_batch(500, Duration::from_millis(20), Duration::from_millis(300))
+            .await
+            .unwrap();
         got.extend(b);
         io.commit(vec![]).await.unwrap();
     }
     // Anything beyond `want` is a duplicate or a stray: look a little longer for it.
-    let b = io.poll_batch(500, Duration::from_millis(20), Duration::from_millis(1500)).await.unwrap();
+    let b = io
+        .poll_batch(500, Duration::from_millis(20), Duration::from_millis(1500))
+        .await
+        .unwrap();
     got.extend(b);
     io.commit(vec![]).await.unwrap();
     io.close().await.unwrap();
@@ -40,7 +56,11 @@ async fn poll_until(io: &mut dyn StageIo, at_least: usize, max: usize) -> Vec<Re
     let deadline = Instant::now() + Duration::from_secs(90);
     while got.len() < at_least && Instant::now() < deadline {
         let b = io
-            .poll_batch(max - got.len(), Duration::from_millis(20), Duration::from_millis(300))
+            .poll_batch(
+                max - got.len(),
+                Duration::from_millis(20),
+                Duration::from_millis(300),
+            )
             .await
             .unwrap();
         got.extend(b);
@@ -56,7 +76,11 @@ async fn order_per_key_and_nothing_lost(bus: &dyn Bus, t: &Topics) {
         let batch = (0..50)
             .map(|i| {
                 let n = chunk * 50 + i;
-                out(&input, &format!("study-{}", n % 7), &format!("{}:{n}", n % 7))
+                out(
+                    &input,
+                    &format!("study-{}", n % 7),
+                    &format!("{}:{n}", n % 7),
+                )
             })
             .collect();
         p.send(batch).await.unwrap();
@@ -69,7 +93,10 @@ async fn order_per_key_and_nothing_lost(bus: &dyn Bus, t: &Topics) {
         let s = String::from_utf8(r.payload.clone()).unwrap();
         let (k, n) = s.split_once(':').unwrap();
         assert_eq!(r.key.as_deref(), Some(format!("study-{k}").as_str()));
-        per_key.entry(k.to_string()).or_default().push(n.parse().unwrap());
+        per_key
+            .entry(k.to_string())
+            .or_default()
+            .push(n.parse().unwrap());
     }
     for (k, ns) in per_key {
         let mut sorted = ns.clone();
@@ -80,50 +107,101 @@ async fn order_per_key_and_nothing_lost(bus: &dyn Bus, t: &Topics) {
 
 async fn no_duplicates_across_a_consumer_restart(bus: &dyn Bus, t: &Topics) {
     let (input, output) = (t.name("in2"), t.name("out2"));
-    bus.create_topics(&[input.clone(), output.clone()], 2).await.unwrap();
+    bus.create_topics(&[input.clone(), output.clone()], 2)
+        .await
+        .unwrap();
     let mut p = bus.producer(&format!("{}-src2", t.prefix)).await.unwrap();
-    p.send((0..40).map(|i| out(&input, &format!("k{i}"), &i.to_string())).collect()).await.unwrap();
+    p.send(
+        (0..40)
+            .map(|i| out(&input, &format!("k{i}"), &i.to_string()))
+            .collect(),
+    )
+    .await
+    .unwrap();
     p.close().await.unwrap();
 
     // First life: commit a transformed first batch, then poll more and "crash" before commit.
-    let mut io = bus.consumer("g-restart", std::slice::from_ref(&input), "stage-0").await.unwrap();
-    let first = poll_until(io.as_mut(), 10, 10).await;
-    assert_eq!(first.len(), 10);
-    io.commit(first.iter().map(|r| out(&output, r.key.as_deref().unwrap(), &format!("done {}", String::from_utf8_lossy(&r.payload)))).collect())
+    let mut io = bus
+        .consumer("g-restart", std::slice::from_ref(&input), "stage-0")
         .await
         .unwrap();
+    let first = poll_until(io.as_mut(), 10, 10).await;
+    assert_eq!(first.len(), 10);
+    io.commit(
+        first
+            .iter()
+            .map(|r| {
+                out(
+                    &output,
+                    r.key.as_deref().unwrap(),
+                    &format!("done {}", String::from_utf8_lossy(&r.payload)),
+                )
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
     let lost = poll_until(io.as_mut(), 5, 5).await;
     assert_eq!(lost.len(), 5);
     drop(io);
 
     // Second life, same replica identity: it must see the 30 uncommitted records, no others.
-    let mut io = bus.consumer("g-restart", std::slice::from_ref(&input), "stage-0").await.unwrap();
-    let rest = poll_until(io.as_mut(), 30, 100).await;
-    let rest_payloads: Vec<String> = rest.iter().map(|r| String::from_utf8_lossy(&r.payload).into_owned()).collect();
-    for r in &first {
-        assert!(!rest_payloads.contains(&String::from_utf8_lossy(&r.payload).into_owned()), "a committed record came again");
-    }
-    io.commit(rest.iter().map(|r| out(&output, r.key.as_deref().unwrap(), &format!("done {}", String::from_utf8_lossy(&r.payload)))).collect())
+    let mut io = bus
+        .consumer("g-restart", std::slice::from_ref(&input), "stage-0")
         .await
         .unwrap();
+    let rest = poll_until(io.as_mut(), 30, 100).await;
+    let rest_payloads: Vec<String> = rest
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    for r in &first {
+        assert!(
+            !rest_payloads.contains(&String::from_utf8_lossy(&r.payload).into_owned()),
+            "a committed record came again"
+        );
+    }
+    io.commit(
+        rest.iter()
+            .map(|r| {
+                out(
+                    &output,
+                    r.key.as_deref().unwrap(),
+                    &format!("done {}", String::from_utf8_lossy(&r.payload)),
+                )
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
     io.close().await.unwrap();
 
     let outs = drain(bus, "g-restart-check", &[output], 40).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for r in &outs {
-        *counts.entry(String::from_utf8_lossy(&r.payload).into_owned()).or_default() += 1;
+        *counts
+            .entry(String::from_utf8_lossy(&r.payload).into_owned())
+            .or_default() += 1;
     }
     assert_eq!(counts.len(), 40, "every input has its output");
-    assert!(counts.values().all(|&c| c == 1), "no output twice: {counts:?}");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "no output twice: {counts:?}"
+    );
 }
 
 async fn rewind_redelivers_uncommitted(bus: &dyn Bus, t: &Topics) {
     let input = t.name("in3");
     bus.create_topics(&[input.clone()], 1).await.unwrap();
     let mut p = bus.producer(&format!("{}-src3", t.prefix)).await.unwrap();
-    p.send((0..5).map(|i| out(&input, "k", &i.to_string())).collect()).await.unwrap();
+    p.send((0..5).map(|i| out(&input, "k", &i.to_string())).collect())
+        .await
+        .unwrap();
     p.close().await.unwrap();
-    let mut io = bus.consumer("g-rewind", std::slice::from_ref(&input), "stage-r").await.unwrap();
+    let mut io = bus
+        .consumer("g-rewind", std::slice::from_ref(&input), "stage-r")
+        .await
+        .unwrap();
     let a = poll_until(io.as_mut(), 5, 5).await;
     io.rewind().await.unwrap();
     let b = poll_until(io.as_mut(), 5, 5).await;
@@ -144,9 +222,16 @@ impl Handler for Picky {
             .iter()
             .map(|r| {
                 if r.payload.starts_with(b"bad") {
-                    Err(StageError::data(format!("record is bad: {}", String::from_utf8_lossy(&r.payload))))
+                    Err(StageError::data(format!(
+                        "record is bad: {}",
+                        String::from_utf8_lossy(&r.payload)
+                    )))
                 } else {
-                    Ok(vec![Output { topic: self.output.clone(), key: r.key.clone().unwrap_or_default(), payload: r.payload.clone() }])
+                    Ok(vec![Output {
+                        topic: self.output.clone(),
+                        key: r.key.clone().unwrap_or_default(),
+                        payload: r.payload.clone(),
+                    }])
                 }
             })
             .collect()
@@ -155,11 +240,23 @@ impl Handler for Picky {
 
 async fn dead_letters_land_with_their_reason(bus: Arc<dyn Bus>, t: &Topics) {
     let (input, output, dlq) = (t.name("in4"), t.name("out4"), t.name("dead-letter"));
-    bus.create_topics(&[input.clone(), output.clone(), dlq.clone()], 2).await.unwrap();
-    let mut p = bus.producer(&format!("{}-src4", t.prefix)).await.unwrap();
-    p.send((0..20).map(|i| out(&input, &format!("k{i}"), &format!("{}{i}", if i % 5 == 0 { "bad" } else { "good" }))).collect())
+    bus.create_topics(&[input.clone(), output.clone(), dlq.clone()], 2)
         .await
         .unwrap();
+    let mut p = bus.producer(&format!("{}-src4", t.prefix)).await.unwrap();
+    p.send(
+        (0..20)
+            .map(|i| {
+                out(
+                    &input,
+                    &format!("k{i}"),
+                    &format!("{}{i}", if i % 5 == 0 { "bad" } else { "good" }),
+                )
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
     p.close().await.unwrap();
 
     let (stop, shutdown) = Shutdown::new();
@@ -168,13 +265,19 @@ async fn dead_letters_land_with_their_reason(bus: Arc<dyn Bus>, t: &Topics) {
         topics: t.clone(),
         metrics: StageMetrics::new(),
         retry: RetryPolicy::default(),
-        batch: BatchConfig { max: 4, linger_ms: 5 },
+        batch: BatchConfig {
+            max: 4,
+            linger_ms: 5,
+        },
     };
     let b = bus.clone();
     let (inp, outp) = (input.clone(), output.clone());
     let task = tokio::spawn(async move {
         let mut io = b.consumer("g-picky", &[inp], "picky-0").await.unwrap();
-        runner.run(io.as_mut(), &Picky { output: outp }, shutdown).await.unwrap();
+        runner
+            .run(io.as_mut(), &Picky { output: outp }, shutdown)
+            .await
+            .unwrap();
         io.close().await.unwrap();
     });
     let goods = drain(bus.as_ref(), "g-picky-out", &[output], 16).await;
@@ -187,7 +290,11 @@ async fn dead_letters_land_with_their_reason(bus: Arc<dyn Bus>, t: &Topics) {
         let letter: DeadLetter = decode(&d.payload).unwrap();
         assert_eq!(letter.stage, "picky");
         assert_eq!(letter.kind, ErrorKind::Data);
-        assert!(letter.reason.starts_with("record is bad: bad"), "{}", letter.reason);
+        assert!(
+            letter.reason.starts_with("record is bad: bad"),
+            "{}",
+            letter.reason
+        );
         let origin = letter.origin.unwrap();
         assert_eq!(origin.topic, input);
     }
@@ -208,6 +315,9 @@ async fn in_process_bus_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_bus_conforms() {
-    let cfg = KafkaConfig { brokers: testkit::kafka_brokers(), ..Default::default() };
+    let cfg = KafkaConfig {
+        brokers: testkit::kafka_brokers(),
+        ..Default::default()
+    };
     suite(Arc::new(KafkaBus::new(cfg)), "kafka").await;
 }

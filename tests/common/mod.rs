@@ -16,10 +16,23 @@ pub fn fixtures() -> PathBuf {
         return PathBuf::from(d);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash").arg(root.join("scripts/fixtures.sh")).output().expect("run scripts/fixtures.sh");
-    assert!(out.status.success(), "scripts/fixtures.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/fixtures.sh"))
+        .output()
+        .expect("run scripts/fixtures.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fixtures.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("fixtures.sh prints its folder").trim())
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("fixtures.sh prints its folder")
+            .trim(),
+    )
 }
 
 /// What the inputs folder holds and how each must end.
@@ -47,30 +60,70 @@ pub fn build_inputs(dir: &Path) -> Inputs {
     std::fs::copy(&rg3, dir.join("rg3.dcm")).unwrap();
     std::fs::copy(fx.join("cat.dcm"), dir.join("sub/cat.dcm")).unwrap();
     std::fs::write(dir.join("empty.dcm"), b"").unwrap();
-    std::fs::write(dir.join("fake.dcm"), b"this is a note saved with a .dcm name\n").unwrap();
+    std::fs::write(
+        dir.join("fake.dcm"),
+        b"this is a note saved with a .dcm name\n",
+    )
+    .unwrap();
     let bytes = std::fs::read(&rg3).unwrap();
     std::fs::write(dir.join("truncated.dcm"), &bytes[..100_000]).unwrap();
     std::fs::write(dir.join("notes.txt"), b"reading list\n").unwrap();
     edit(&rg3, &dir.join("no-pixels.dcm"), |o| {
         o.remove_element(tags::PIXEL_DATA);
-        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.1")));
+        o.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.826.0.1.3680043.10.543.1"),
+        ));
     });
     edit(&rg3, &dir.join("ct.dcm"), |o| {
-        o.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uids::CT_IMAGE_STORAGE)));
-        o.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("CT")));
-        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.2")));
+        o.put(DataElement::new(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(uids::CT_IMAGE_STORAGE),
+        ));
+        o.put(DataElement::new(
+            tags::MODALITY,
+            VR::CS,
+            PrimitiveValue::from("CT"),
+        ));
+        o.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.826.0.1.3680043.10.543.2"),
+        ));
     });
     edit(&rg3, &dir.join("sr.dcm"), |o| {
         o.remove_element(tags::PIXEL_DATA);
-        o.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uids::BASIC_TEXT_SR_STORAGE)));
-        o.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("SR")));
-        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.3")));
+        o.put(DataElement::new(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(uids::BASIC_TEXT_SR_STORAGE),
+        ));
+        o.put(DataElement::new(
+            tags::MODALITY,
+            VR::CS,
+            PrimitiveValue::from("SR"),
+        ));
+        o.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.826.0.1.3680043.10.543.3"),
+        ));
     });
     edit(&rg3, &dir.join("jpeg2000.dcm"), |o| {
         // JPEG 2000 is not in this build's decoders: a real-world syntax we must refuse clearly.
         o.update_meta(|m| m.transfer_syntax = uids::JPEG2000_LOSSLESS.to_string());
-        o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new(vec![0u32], vec![vec![0xFFu8; 64]])));
-        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.10.543.4")));
+        o.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new(vec![0u32], vec![vec![0xFFu8; 64]]),
+        ));
+        o.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.826.0.1.3680043.10.543.4"),
+        ));
     });
     Inputs {
         dir: dir.to_path_buf(),

@@ -25,7 +25,13 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { database: "sqlite://fracture-audit.db".into(), batch: BatchConfig { max: 64, linger_ms: 20 } }
+        Self {
+            database: "sqlite://fracture-audit.db".into(),
+            batch: BatchConfig {
+                max: 64,
+                linger_ms: 20,
+            },
+        }
     }
 }
 
@@ -55,11 +61,18 @@ pub struct AuditDb {
 impl AuditDb {
     pub async fn open(url: &str) -> Result<Self, DbError> {
         let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| DbError(format!("{url:?} is not a database URL like sqlite://fracture-audit.db: {e}")))?
+            .map_err(|e| {
+                DbError(format!(
+                    "{url:?} is not a database URL like sqlite://fracture-audit.db: {e}"
+                ))
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS findings (
                 sop_instance_uid TEXT NOT NULL,
@@ -113,16 +126,25 @@ impl AuditDb {
     }
 
     pub async fn count(&self) -> Result<i64, DbError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM findings").fetch_one(&self.pool).await?.get::<i64, _>(0))
+        Ok(sqlx::query("SELECT COUNT(*) FROM findings")
+            .fetch_one(&self.pool)
+            .await?
+            .get::<i64, _>(0))
     }
 
     pub async fn by_region(&self) -> Result<Vec<RegionCount>, DbError> {
-        let rows = sqlx::query("SELECT region, COUNT(*), SUM(fracture) FROM findings GROUP BY region ORDER BY region")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT region, COUNT(*), SUM(fracture) FROM findings GROUP BY region ORDER BY region",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
-            .map(|r| RegionCount { region: r.get(0), radiographs: r.get(1), positive: r.get::<Option<i64>, _>(2).unwrap_or(0) })
+            .map(|r| RegionCount {
+                region: r.get(0),
+                radiographs: r.get(1),
+                positive: r.get::<Option<i64>, _>(2).unwrap_or(0),
+            })
             .collect())
     }
 
@@ -138,10 +160,19 @@ pub struct AuditSink {
 #[async_trait]
 impl Handler for AuditSink {
     async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
-        let decoded: Vec<Result<Finding, StageError>> =
-            batch.iter().map(|r| decode::<Finding>(&r.payload).map_err(StageError::data)).collect();
-        let good: Vec<Finding> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
-        let write = self.db.record(&good).await.map_err(|e| StageError::external(e.to_string()));
+        let decoded: Vec<Result<Finding, StageError>> = batch
+            .iter()
+            .map(|r| decode::<Finding>(&r.payload).map_err(StageError::data))
+            .collect();
+        let good: Vec<Finding> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok().cloned())
+            .collect();
+        let write = self
+            .db
+            .record(&good)
+            .await
+            .map_err(|e| StageError::external(e.to_string()));
         decoded
             .into_iter()
             .map(|d| match d {
@@ -155,7 +186,8 @@ impl Handler for AuditSink {
 /// Runs the sink until shutdown.
 pub async fn run(env: &StageEnv, cfg: &AuditConfig, db: AuditDb) -> Result<(), StageFailed> {
     let sink = AuditSink { db };
-    env.consume(STAGE, env.topics.of::<Finding>(), cfg.batch, &sink).await
+    env.consume(STAGE, env.topics.of::<Finding>(), cfg.batch, &sink)
+        .await
 }
 
 #[cfg(test)]
@@ -166,7 +198,12 @@ mod tests {
     fn finding(sop: &str, score: f32) -> Finding {
         Finding {
             schema: schema::FINDING.into(),
-            id: RadiographId { input: "in-1".into(), study_instance_uid: "2.25.1".into(), series_instance_uid: "2.25.2".into(), sop_instance_uid: sop.into() },
+            id: RadiographId {
+                input: "in-1".into(),
+                study_instance_uid: "2.25.1".into(),
+                series_instance_uid: "2.25.2".into(),
+                sop_instance_uid: sop.into(),
+            },
             site: "S".into(),
             region: "wrist".into(),
             score,
@@ -181,11 +218,20 @@ mod tests {
     #[tokio::test]
     async fn replay_changes_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let db = AuditDb::open(&format!("sqlite://{}", d.path().join("a.db").display())).await.unwrap();
+        let db = AuditDb::open(&format!("sqlite://{}", d.path().join("a.db").display()))
+            .await
+            .unwrap();
         let batch = [finding("2.25.10", 0.7), finding("2.25.11", 0.2)];
         db.record(&batch).await.unwrap();
         db.record(&batch).await.unwrap();
         assert_eq!(db.count().await.unwrap(), 2);
-        assert_eq!(db.by_region().await.unwrap(), vec![RegionCount { region: "wrist".into(), radiographs: 2, positive: 1 }]);
+        assert_eq!(
+            db.by_region().await.unwrap(),
+            vec![RegionCount {
+                region: "wrist".into(),
+                radiographs: 2,
+                positive: 1
+            }]
+        );
     }
 }

@@ -10,7 +10,9 @@ use fracture_models::Ensemble;
 use fracture_shared::bus::Record;
 use fracture_shared::error::StageError;
 use fracture_shared::messages::{decode, schema, Preprocessed, Scored};
-use fracture_shared::stage::{bytes_to_f32, f32_to_bytes, BatchConfig, Handler, Output, StageEnv, StageFailed};
+use fracture_shared::stage::{
+    bytes_to_f32, f32_to_bytes, BatchConfig, Handler, Output, StageEnv, StageFailed,
+};
 use fracture_shared::store::BlobStore;
 use fracture_shared::Topics;
 
@@ -28,7 +30,10 @@ pub struct EnsembleConfig {
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
-        Self { batch_size: 4, max_wait_ms: 20 }
+        Self {
+            batch_size: 4,
+            max_wait_ms: 20,
+        }
     }
 }
 
@@ -50,7 +55,10 @@ impl EnsembleStage {
         }
         let tensor = bytes_to_f32(&self.store.get(&msg.tensor).await?)?;
         if tensor.len() != 2 * size * size {
-            return Err(StageError::data(format!("tensor has {} values, expected 2x{size}x{size}", tensor.len())));
+            return Err(StageError::data(format!(
+                "tensor has {} values, expected 2x{size}x{size}",
+                tensor.len()
+            )));
         }
         Ok((msg, tensor))
     }
@@ -84,7 +92,9 @@ impl Handler for EnsembleStage {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 for (i, _) in &ready {
-                    results[*i] = Err(StageError::internal(format!("ensemble inference failed: {e}")));
+                    results[*i] = Err(StageError::internal(format!(
+                        "ensemble inference failed: {e}"
+                    )));
                 }
                 return results;
             }
@@ -98,7 +108,11 @@ impl Handler for EnsembleStage {
         let manifest = self.ensemble.manifest();
         for ((i, (msg, _)), p) in ready.into_iter().zip(predictions) {
             let map = match &p.map {
-                Some(m) => match self.store.put(Bytes::from(f32_to_bytes(m)), "application/x-fracture-f32").await {
+                Some(m) => match self
+                    .store
+                    .put(Bytes::from(f32_to_bytes(m)), "application/x-fracture-f32")
+                    .await
+                {
                     Ok(b) => Some(b),
                     Err(e) => {
                         results[i] = Err(e.into());
@@ -120,15 +134,31 @@ impl Handler for EnsembleStage {
                 model_version: manifest.model_version.clone(),
                 model_trained: manifest.trained,
             };
-            results[i] = Ok(vec![Output::message(&self.topics, &out.id.study_instance_uid.clone(), &out)]);
+            results[i] = Ok(vec![Output::message(
+                &self.topics,
+                &out.id.study_instance_uid.clone(),
+                &out,
+            )]);
         }
         results
     }
 }
 
 /// Runs the stage until shutdown.
-pub async fn run(env: &StageEnv, cfg: &EnsembleConfig, ensemble: Arc<Ensemble>) -> Result<(), StageFailed> {
-    let handler = EnsembleStage { store: env.store.clone(), topics: env.topics.clone(), ensemble };
-    let batch = BatchConfig { max: cfg.batch_size.max(1), linger_ms: cfg.max_wait_ms };
-    env.consume(STAGE, env.topics.of::<Preprocessed>(), batch, &handler).await
+pub async fn run(
+    env: &StageEnv,
+    cfg: &EnsembleConfig,
+    ensemble: Arc<Ensemble>,
+) -> Result<(), StageFailed> {
+    let handler = EnsembleStage {
+        store: env.store.clone(),
+        topics: env.topics.clone(),
+        ensemble,
+    };
+    let batch = BatchConfig {
+        max: cfg.batch_size.max(1),
+        linger_ms: cfg.max_wait_ms,
+    };
+    env.consume(STAGE, env.topics.of::<Preprocessed>(), batch, &handler)
+        .await
 }

@@ -8,8 +8,8 @@
 //! Information with Modified Dates); age and sex kept (Retain Patient Characteristics);
 //! institution replaced by the site code.
 
-use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::header::Header;
+use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::mem::InMemElement;
@@ -34,7 +34,10 @@ pub struct DeidPolicy {
 impl std::fmt::Debug for DeidPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key is the re-identification secret: never print it.
-        f.debug_struct("DeidPolicy").field("site_code", &self.site_code).field("uid_root", &self.uid_root).finish()
+        f.debug_struct("DeidPolicy")
+            .field("site_code", &self.site_code)
+            .field("uid_root", &self.uid_root)
+            .finish()
     }
 }
 
@@ -51,13 +54,25 @@ impl DeidPolicy {
             )));
         }
         let root = uid_root.trim().trim_end_matches('.');
-        if root.is_empty() || !root.split('.').all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit())) {
-            return Err(PolicyError(format!("uid_root {uid_root:?} is not a UID root like 2.25 or 1.2.826.0.1.3680043.10.1234")));
+        if root.is_empty()
+            || !root
+                .split('.')
+                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(PolicyError(format!(
+                "uid_root {uid_root:?} is not a UID root like 2.25 or 1.2.826.0.1.3680043.10.1234"
+            )));
         }
         if root.len() > 24 {
-            return Err(PolicyError(format!("uid_root {uid_root:?} is too long: generated UIDs must fit in 64 characters")));
+            return Err(PolicyError(format!(
+                "uid_root {uid_root:?} is too long: generated UIDs must fit in 64 characters"
+            )));
         }
-        Ok(Self { key, site_code: site_code.to_string(), uid_root: root.to_string() })
+        Ok(Self {
+            key,
+            site_code: site_code.to_string(),
+            uid_root: root.to_string(),
+        })
     }
 
     fn mac(&self, domain: &str, value: &str) -> [u8; 32] {
@@ -165,7 +180,10 @@ const TABLE: &[(Tag, Action)] = &[
     (tags::PERFORMED_PROCEDURE_STEP_ID, Action::Remove),
     (tags::REQUEST_ATTRIBUTES_SEQUENCE, Action::Remove),
     (tags::REFERENCED_PATIENT_SEQUENCE, Action::Remove),
-    (tags::ACQUISITION_DEVICE_PROCESSING_DESCRIPTION, Action::Remove),
+    (
+        tags::ACQUISITION_DEVICE_PROCESSING_DESCRIPTION,
+        Action::Remove,
+    ),
     (tags::CONTENT_CREATOR_NAME, Action::Remove),
     (tags::TEXT_COMMENTS, Action::Remove),
 ];
@@ -205,7 +223,11 @@ fn shift_date(value: &str, days: i64) -> Option<String> {
     if v.len() < 8 || !v.as_bytes()[..8].iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let (y, m, d) = (v[..4].parse().ok()?, v[4..6].parse().ok()?, v[6..8].parse().ok()?);
+    let (y, m, d) = (
+        v[..4].parse().ok()?,
+        v[4..6].parse().ok()?,
+        v[6..8].parse().ok()?,
+    );
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
@@ -237,10 +259,17 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
         return match action {
             Action::Remove => None,
             Action::Empty => Some(DataElement::empty(tag, vr)),
-            Action::Site => Some(DataElement::new(tag, vr, PrimitiveValue::from(ctx.policy.site_code.as_str()))),
+            Action::Site => Some(DataElement::new(
+                tag,
+                vr,
+                PrimitiveValue::from(ctx.policy.site_code.as_str()),
+            )),
             Action::Pseudonym => {
                 let original = e.to_str().map(|s| s.into_owned()).unwrap_or_default();
-                let p = format!("ANON{}", &ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase());
+                let p = format!(
+                    "ANON{}",
+                    &ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase()
+                );
                 Some(DataElement::new(tag, vr, PrimitiveValue::from(p.as_str())))
             }
         };
@@ -253,19 +282,38 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
                 Value::Sequence(seq) => seq.into_items(),
                 _ => return None,
             };
-            let cleaned: Vec<InMemDicomObject> = items.into_iter().map(|i| clean_object(i, ctx)).collect();
-            Some(DataElement::new(tag, VR::SQ, DataSetSequence::new(cleaned, Length::UNDEFINED)))
+            let cleaned: Vec<InMemDicomObject> =
+                items.into_iter().map(|i| clean_object(i, ctx)).collect();
+            Some(DataElement::new(
+                tag,
+                VR::SQ,
+                DataSetSequence::new(cleaned, Length::UNDEFINED),
+            ))
         }
         VR::UI => {
             let uids: Vec<String> = match e.value() {
-                Value::Primitive(p) => p.to_multi_str().iter().map(|s| s.trim_end_matches('\0').trim().to_string()).collect(),
+                Value::Primitive(p) => p
+                    .to_multi_str()
+                    .iter()
+                    .map(|s| s.trim_end_matches('\0').trim().to_string())
+                    .collect(),
                 _ => return None,
             };
             let mapped: Vec<String> = uids
                 .into_iter()
-                .map(|u| if u.is_empty() || is_standard_uid(&u) { u } else { ctx.policy.pseudonymise_uid(&u) })
+                .map(|u| {
+                    if u.is_empty() || is_standard_uid(&u) {
+                        u
+                    } else {
+                        ctx.policy.pseudonymise_uid(&u)
+                    }
+                })
                 .collect();
-            Some(DataElement::new(tag, VR::UI, PrimitiveValue::Strs(mapped.into())))
+            Some(DataElement::new(
+                tag,
+                VR::UI,
+                PrimitiveValue::Strs(mapped.into()),
+            ))
         }
         VR::DA | VR::DT => {
             let values: Vec<String> = match e.value() {
@@ -275,7 +323,8 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
             if values.iter().all(|v| v.trim().is_empty()) {
                 return Some(e);
             }
-            let shifted: Option<Vec<String>> = values.iter().map(|v| shift_date(v, ctx.shift)).collect();
+            let shifted: Option<Vec<String>> =
+                values.iter().map(|v| shift_date(v, ctx.shift)).collect();
             shifted.map(|s| DataElement::new(tag, vr, PrimitiveValue::Strs(s.into())))
         }
         _ => Some(e),
@@ -285,7 +334,11 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
 fn code_item(value: &str, meaning: &str) -> InMemDicomObject {
     InMemDicomObject::from_element_iter([
         DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(value)),
-        DataElement::new(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PrimitiveValue::from("DCM")),
+        DataElement::new(
+            tags::CODING_SCHEME_DESIGNATOR,
+            VR::SH,
+            PrimitiveValue::from("DCM"),
+        ),
         DataElement::new(tags::CODE_MEANING, VR::LO, PrimitiveValue::from(meaning)),
     ])
 }
@@ -301,28 +354,47 @@ pub struct Originals {
 fn string_of(obj: &InMemDicomObject, tag: Tag) -> String {
     obj.element(tag)
         .ok()
-        .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches('\0').trim().to_string()))
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| s.trim_end_matches('\0').trim().to_string())
+        })
         .unwrap_or_default()
 }
 
 /// De-identifies `obj` under `policy`, returning the new object and the original UIDs.
-pub fn deidentify(obj: DefaultDicomObject, policy: &DeidPolicy) -> Result<(DefaultDicomObject, Originals), StageError> {
+pub fn deidentify(
+    obj: DefaultDicomObject,
+    policy: &DeidPolicy,
+) -> Result<(DefaultDicomObject, Originals), StageError> {
     let originals = Originals {
         study_instance_uid: string_of(&obj, tags::STUDY_INSTANCE_UID),
         series_instance_uid: string_of(&obj, tags::SERIES_INSTANCE_UID),
         sop_instance_uid: string_of(&obj, tags::SOP_INSTANCE_UID),
     };
-    for (name, v) in [("StudyInstanceUID", &originals.study_instance_uid), ("SOPInstanceUID", &originals.sop_instance_uid)] {
+    for (name, v) in [
+        ("StudyInstanceUID", &originals.study_instance_uid),
+        ("SOPInstanceUID", &originals.sop_instance_uid),
+    ] {
         if v.is_empty() {
-            return Err(StageError::data(format!("the object has no {name}; it cannot be tracked and is refused")));
+            return Err(StageError::data(format!(
+                "the object has no {name}; it cannot be tracked and is refused"
+            )));
         }
     }
     let patient = string_of(&obj, tags::PATIENT_ID);
-    let ctx = Ctx { policy, shift: policy.date_shift_days(&patient) };
+    let ctx = Ctx {
+        policy,
+        shift: policy.date_shift_days(&patient),
+    };
     let mut meta = obj.meta().clone();
     let mut cleaned = clean_object(obj.into_inner(), &ctx);
 
-    cleaned.put(DataElement::new(tags::PATIENT_IDENTITY_REMOVED, VR::CS, PrimitiveValue::from("YES")));
+    cleaned.put(DataElement::new(
+        tags::PATIENT_IDENTITY_REMOVED,
+        VR::CS,
+        PrimitiveValue::from("YES"),
+    ));
     cleaned.put(DataElement::new(
         tags::DEIDENTIFICATION_METHOD,
         VR::LO,
@@ -334,15 +406,23 @@ pub fn deidentify(obj: DefaultDicomObject, policy: &DeidPolicy) -> Result<(Defau
         DataSetSequence::new(
             vec![
                 code_item("113100", "Basic Application Confidentiality Profile"),
-                code_item("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+                code_item(
+                    "113107",
+                    "Retain Longitudinal Temporal Information Modified Dates Option",
+                ),
                 code_item("113108", "Retain Patient Characteristics Option"),
             ],
             Length::UNDEFINED,
         ),
     ));
-    cleaned.put(DataElement::new(tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED, VR::CS, PrimitiveValue::from("MODIFIED")));
+    cleaned.put(DataElement::new(
+        tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
+        VR::CS,
+        PrimitiveValue::from("MODIFIED"),
+    ));
 
-    meta.media_storage_sop_instance_uid = policy.pseudonymise_uid(&meta.media_storage_sop_instance_uid);
+    meta.media_storage_sop_instance_uid =
+        policy.pseudonymise_uid(&meta.media_storage_sop_instance_uid);
     // Our own implementation identity, not the modality's: the modality's is a device fingerprint.
     meta.source_application_entity_title = None;
     meta.update_information_group_length();
@@ -364,14 +444,21 @@ mod tests {
         assert_ne!(a, policy(2).pseudonymise_uid("1.2.3.4.5"));
         assert_ne!(a, policy(1).pseudonymise_uid("1.2.3.4.6"));
         assert!(a.starts_with("2.25.") && a.len() <= 64, "{a}");
-        assert!(a.split('.').all(|c| !c.is_empty() && (c == "0" || !c.starts_with('0'))), "{a}");
+        assert!(
+            a.split('.')
+                .all(|c| !c.is_empty() && (c == "0" || !c.starts_with('0'))),
+            "{a}"
+        );
         let custom = DeidPolicy::new(vec![1; 32], "S", "1.2.826.0.1.3680043.10.99").unwrap();
         assert!(custom.pseudonymise_uid("1.2.3").len() <= 64);
     }
 
     #[test]
     fn short_keys_and_bad_roots_are_refused() {
-        assert!(DeidPolicy::new(vec![0; 16], "S", "2.25").unwrap_err().to_string().contains("at least 32"));
+        assert!(DeidPolicy::new(vec![0; 16], "S", "2.25")
+            .unwrap_err()
+            .to_string()
+            .contains("at least 32"));
         assert!(DeidPolicy::new(vec![0; 32], "S", "2.x").is_err());
     }
 
@@ -379,7 +466,10 @@ mod tests {
     fn dates_shift_and_keep_intervals() {
         assert_eq!(shift_date("20200301", -1).as_deref(), Some("20200229"));
         assert_eq!(shift_date("20210101", -366).as_deref(), Some("20200101"));
-        assert_eq!(shift_date("20200301120000.5", -1).as_deref(), Some("20200229120000.5"));
+        assert_eq!(
+            shift_date("20200301120000.5", -1).as_deref(),
+            Some("20200229120000.5")
+        );
         assert_eq!(shift_date("garbage", -1), None);
         let p = policy(3);
         let s = p.date_shift_days("PAT-1");

@@ -13,7 +13,7 @@ use dicom_object::DefaultDicomObject;
 
 use fracture_shared::bus::{BusError, OutRecord, Producer, Topics};
 use fracture_shared::error::StageError;
-use fracture_shared::messages::{encode, schema, Deidentified, DeadLetter, Message, RadiographId};
+use fracture_shared::messages::{encode, schema, DeadLetter, Deidentified, Message, RadiographId};
 use fracture_shared::pixels;
 use fracture_shared::region;
 use fracture_shared::store::BlobStore;
@@ -103,13 +103,25 @@ const RADIOGRAPH_CLASSES: &[&str] = &[
 ];
 
 fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    obj.element(tag).ok().and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches('\0').trim().to_string())).filter(|s| !s.is_empty())
+    obj.element(tag)
+        .ok()
+        .and_then(|e| {
+            e.to_str()
+                .ok()
+                .map(|s| s.trim_end_matches('\0').trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
 }
 
 /// Refuses what is not a CR or DX radiograph, saying what it was.
 pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
     use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
-    let class = text(obj, tags::SOP_CLASS_UID).unwrap_or_else(|| obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string());
+    let class = text(obj, tags::SOP_CLASS_UID).unwrap_or_else(|| {
+        obj.meta()
+            .media_storage_sop_class_uid()
+            .trim_end_matches('\0')
+            .to_string()
+    });
     if RADIOGRAPH_CLASSES.contains(&class.as_str()) {
         return Ok(());
     }
@@ -125,7 +137,12 @@ pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
 
 impl Ingest {
     /// De-identifies one DICOM file's bytes and stores the result.
-    async fn radiograph(&self, input: &str, bytes: &[u8], source: &Path) -> Result<Deidentified, StageError> {
+    async fn radiograph(
+        &self,
+        input: &str,
+        bytes: &[u8],
+        source: &Path,
+    ) -> Result<Deidentified, StageError> {
         let obj = pixels::read_object(bytes)?;
         check_radiograph(&obj)?;
         let region = region::classify(&[
@@ -135,8 +152,16 @@ impl Ingest {
             text(&obj, tags::PROTOCOL_NAME).as_deref(),
         ]);
         let modality = text(&obj, tags::MODALITY).unwrap_or_default();
-        let rows = obj.element(tags::ROWS).ok().and_then(|e| e.to_int::<u32>().ok()).unwrap_or(0);
-        let columns = obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()).unwrap_or(0);
+        let rows = obj
+            .element(tags::ROWS)
+            .ok()
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(0);
+        let columns = obj
+            .element(tags::COLUMNS)
+            .ok()
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(0);
         let (clean, originals) = deidentify(obj, &self.policy)?;
         let id = RadiographId {
             input: input.to_string(),
@@ -156,7 +181,10 @@ impl Ingest {
             })
             .map_err(|e| StageError::external(format!("cannot write the linkage table: {e}")))?;
         let encoded = pixels::write_object(&clean)?;
-        let dicom = self.store.put(Bytes::from(encoded), "application/dicom").await?;
+        let dicom = self
+            .store
+            .put(Bytes::from(encoded), "application/dicom")
+            .await?;
         Ok(Deidentified {
             schema: schema::DEIDENTIFIED.into(),
             id,
@@ -178,7 +206,12 @@ impl Ingest {
             input: Some(input.to_string()),
             origin: None,
         };
-        OutRecord { topic: self.topics.of::<DeadLetter>(), key: input.to_string(), payload: encode(&letter), headers: vec![] }
+        OutRecord {
+            topic: self.topics.of::<DeadLetter>(),
+            key: input.to_string(),
+            payload: encode(&letter),
+            headers: vec![],
+        }
     }
 
     /// Turns one walked input into its message (a radiograph or a dead letter), or nothing for
@@ -189,11 +222,21 @@ impl Ingest {
             Input::File(p) => (p, None),
             Input::Unreadable(p, why) => (p, Some(why.clone())),
         };
-        let input = format!("in-{}", self.policy.pseudonym("input", &path.display().to_string()));
+        let input = format!(
+            "in-{}",
+            self.policy.pseudonym("input", &path.display().to_string())
+        );
         let trace = telemetry::new_trace();
-        let headers = vec![(telemetry::TRACEPARENT.to_string(), telemetry::to_traceparent(&trace))];
+        let headers = vec![(
+            telemetry::TRACEPARENT.to_string(),
+            telemetry::to_traceparent(&trace),
+        )];
         let link_only = |linkage: &Linkage| {
-            linkage.record(&LinkageRow { input: input.clone(), source: path.display().to_string(), ..Default::default() })
+            linkage.record(&LinkageRow {
+                input: input.clone(),
+                source: path.display().to_string(),
+                ..Default::default()
+            })
         };
         if let Some(why) = problem {
             if let Err(e) = link_only(&self.linkage) {
@@ -204,7 +247,10 @@ impl Ingest {
             return (Outcome::DeadLettered, Some(r), 0);
         }
         let result = match tokio::fs::read(path).await {
-            Err(e) => Err(StageError::data(format!("cannot read the file: {}", e.kind()))),
+            Err(e) => Err(StageError::data(format!(
+                "cannot read the file: {}",
+                e.kind()
+            ))),
             Ok(b) if b.is_empty() => Err(StageError::data("empty file (0 bytes)")),
             Ok(b) => {
                 let n = b.len() as u64;
@@ -214,7 +260,16 @@ impl Ingest {
         match result {
             Ok((m, n)) => {
                 let key = m.id.study_instance_uid.clone();
-                (Outcome::Produced, Some(OutRecord { topic: self.topics.of::<Deidentified>(), key, payload: encode(&m), headers }), n)
+                (
+                    Outcome::Produced,
+                    Some(OutRecord {
+                        topic: self.topics.of::<Deidentified>(),
+                        key,
+                        payload: encode(&m),
+                        headers,
+                    }),
+                    n,
+                )
             }
             Err(e) => {
                 tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
@@ -264,7 +319,10 @@ impl Ingest {
 }
 
 /// A source has no offsets to rewind: an aborted transaction is simply sent again.
-async fn send_with_retry(producer: &mut dyn Producer, records: Vec<OutRecord>) -> Result<(), BusError> {
+async fn send_with_retry(
+    producer: &mut dyn Producer,
+    records: Vec<OutRecord>,
+) -> Result<(), BusError> {
     let mut delay = std::time::Duration::from_millis(100);
     loop {
         match producer.send(records.clone()).await {

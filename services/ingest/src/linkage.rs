@@ -53,7 +53,10 @@ impl Linkage {
         if file.metadata()?.len() == 0 {
             writeln!(file, "{HEADER}")?;
         }
-        Ok(Self { path: path.to_path_buf(), file: Mutex::new(file) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -121,14 +124,27 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("linkage.csv");
         let l = Linkage::open(&p).unwrap();
-        l.record(&LinkageRow { input: "in-1".into(), source: "/a,b/\"c\".dcm".into(), ..Default::default() }).unwrap();
+        l.record(&LinkageRow {
+            input: "in-1".into(),
+            source: "/a,b/\"c\".dcm".into(),
+            ..Default::default()
+        })
+        .unwrap();
         drop(l);
         let l = Linkage::open(&p).unwrap();
-        l.record(&LinkageRow { input: "in-2".into(), source: "/x.dcm".into(), ..Default::default() }).unwrap();
+        l.record(&LinkageRow {
+            input: "in-2".into(),
+            source: "/x.dcm".into(),
+            ..Default::default()
+        })
+        .unwrap();
         let m = read_sources(&p).unwrap();
         assert_eq!(m["in-1"], "/a,b/\"c\".dcm");
         assert_eq!(m["in-2"], "/x.dcm");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

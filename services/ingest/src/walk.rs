@@ -23,11 +23,17 @@ fn has_dicm_marker(path: &Path) -> bool {
 }
 
 fn named_as_dicom(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"))
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"))
 }
 
 fn classify(path: PathBuf) -> Input {
-    if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR")) {
+    if path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+    {
         return Input::Skipped(path);
     }
     if named_as_dicom(&path) || has_dicm_marker(&path) {
@@ -41,17 +47,34 @@ fn classify(path: PathBuf) -> Input {
 pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
     paths.iter().flat_map(|root| {
         let items: Box<dyn Iterator<Item = Input>> = match std::fs::metadata(root) {
-            Err(e) => Box::new(std::iter::once(Input::Unreadable(root.clone(), format!("cannot open the input: {}", e.kind())))),
+            Err(e) => Box::new(std::iter::once(Input::Unreadable(
+                root.clone(),
+                format!("cannot open the input: {}", e.kind()),
+            ))),
             Ok(m) if m.is_file() => Box::new(std::iter::once(classify(root.clone()))),
-            Ok(_) => Box::new(walkdir::WalkDir::new(root).sort_by_file_name().into_iter().filter_map(|entry| match entry {
-                Ok(e) if e.file_type().is_file() => Some(classify(e.into_path())),
-                Ok(_) => None,
-                Err(e) => {
-                    let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.clone());
-                    let kind = e.io_error().map(|io| io.kind().to_string()).unwrap_or_else(|| "filesystem loop".into());
-                    Some(Input::Unreadable(path, format!("cannot read this folder: {kind}")))
-                }
-            })),
+            Ok(_) => Box::new(
+                walkdir::WalkDir::new(root)
+                    .sort_by_file_name()
+                    .into_iter()
+                    .filter_map(|entry| match entry {
+                        Ok(e) if e.file_type().is_file() => Some(classify(e.into_path())),
+                        Ok(_) => None,
+                        Err(e) => {
+                            let path = e
+                                .path()
+                                .map(Path::to_path_buf)
+                                .unwrap_or_else(|| root.clone());
+                            let kind = e
+                                .io_error()
+                                .map(|io| io.kind().to_string())
+                                .unwrap_or_else(|| "filesystem loop".into());
+                            Some(Input::Unreadable(
+                                path,
+                                format!("cannot read this folder: {kind}"),
+                            ))
+                        }
+                    }),
+            ),
         };
         items
     })

@@ -15,7 +15,10 @@ pub struct BoxConfig {
 
 impl Default for BoxConfig {
     fn default() -> Self {
-        Self { min_area: 2, top_k: 5 }
+        Self {
+            min_area: 2,
+            top_k: 5,
+        }
     }
 }
 
@@ -41,7 +44,14 @@ pub fn components(map: &[f32], size: usize, threshold: f32) -> Vec<CellBox> {
         }
         label[start] = true;
         stack.push(start);
-        let mut b = CellBox { x0: usize::MAX, y0: usize::MAX, x1: 0, y1: 0, area: 0, score: f32::MIN };
+        let mut b = CellBox {
+            x0: usize::MAX,
+            y0: usize::MAX,
+            x1: 0,
+            y1: 0,
+            area: 0,
+            score: f32::MIN,
+        };
         while let Some(i) = stack.pop() {
             let (x, y) = (i % size, i / size);
             b.x0 = b.x0.min(x);
@@ -71,11 +81,21 @@ pub fn components(map: &[f32], size: usize, threshold: f32) -> Vec<CellBox> {
 
 /// The boxes for one radiograph. A positive call always gets at least one box (around the map's
 /// strongest region); a negative one gets none.
-pub fn boxes(map: &[f32], map_size: usize, threshold: f32, fracture: bool, geometry: &Geometry, cfg: &BoxConfig) -> Vec<BoundingBox> {
+pub fn boxes(
+    map: &[f32],
+    map_size: usize,
+    threshold: f32,
+    fracture: bool,
+    geometry: &Geometry,
+    cfg: &BoxConfig,
+) -> Vec<BoundingBox> {
     if !fracture || map_size == 0 || map.len() != map_size * map_size {
         return Vec::new();
     }
-    let mut found: Vec<CellBox> = components(map, map_size, threshold).into_iter().filter(|b| b.area >= cfg.min_area).collect();
+    let mut found: Vec<CellBox> = components(map, map_size, threshold)
+        .into_iter()
+        .filter(|b| b.area >= cfg.min_area)
+        .collect();
     if found.is_empty() {
         // Called positive by the score but nothing passes the map threshold: box the strongest
         // region, taken as the component around the maximum at half its value.
@@ -83,7 +103,9 @@ pub fn boxes(map: &[f32], map_size: usize, threshold: f32, fracture: bool, geome
         let at = map.iter().position(|&v| v == max).unwrap_or(0);
         found = components(map, map_size, max * 0.5)
             .into_iter()
-            .filter(|b| (b.x0..b.x1).contains(&(at % map_size)) && (b.y0..b.y1).contains(&(at / map_size)))
+            .filter(|b| {
+                (b.x0..b.x1).contains(&(at % map_size)) && (b.y0..b.y1).contains(&(at / map_size))
+            })
             .collect();
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -95,7 +117,13 @@ pub fn boxes(map: &[f32], map_size: usize, threshold: f32, fracture: bool, geome
         .map(|b| {
             let (x0, y0) = geometry.to_original(b.x0 as f64 * cell, b.y0 as f64 * cell);
             let (x1, y1) = geometry.to_original(b.x1 as f64 * cell, b.y1 as f64 * cell);
-            BoundingBox { x0, y0, x1, y1, score: b.score }
+            BoundingBox {
+                x0,
+                y0,
+                x1,
+                y1,
+                score: b.score,
+            }
         })
         .collect()
 }
@@ -106,7 +134,13 @@ mod tests {
 
     fn geometry() -> Geometry {
         // 64x64 model input from a 200x100 crop at (10, 20) of a 300x200 image: scale 0.32.
-        Geometry { original_width: 300, original_height: 200, crop: [10, 20, 210, 120], scale: 0.32, size: 64 }
+        Geometry {
+            original_width: 300,
+            original_height: 200,
+            crop: [10, 20, 210, 120],
+            scale: 0.32,
+            size: 64,
+        }
     }
 
     #[test]
@@ -144,6 +178,9 @@ mod tests {
         // Boxes never leave the crop.
         let full = vec![0.9f32; n * n];
         let b = boxes(&full, n, 0.5, true, &geometry(), &BoxConfig::default());
-        assert_eq!((b[0].x0, b[0].y0, b[0].x1, b[0].y1), (10.0, 20.0, 210.0, 120.0));
+        assert_eq!(
+            (b[0].x0, b[0].y0, b[0].x1, b[0].y1),
+            (10.0, 20.0, 210.0, 120.0)
+        );
     }
 }

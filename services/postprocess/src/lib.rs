@@ -43,7 +43,10 @@ impl Postprocess {
             )));
         }
         if !msg.score.is_finite() {
-            return Err(StageError::data(format!("score {} is not a number", msg.score)));
+            return Err(StageError::data(format!(
+                "score {} is not a number",
+                msg.score
+            )));
         }
         let threshold = self.manifest.score_threshold(&msg.region);
         // On or above the threshold counts as positive, as in the paper.
@@ -51,7 +54,14 @@ impl Postprocess {
         let boxes = match (&msg.map, fracture) {
             (Some(map), true) => {
                 let map = bytes_to_f32(&self.store.get(map).await?)?;
-                boxes::boxes(&map, msg.map_size as usize, self.manifest.map_threshold(&msg.region), true, &msg.geometry, &self.cfg.boxes)
+                boxes::boxes(
+                    &map,
+                    msg.map_size as usize,
+                    self.manifest.map_threshold(&msg.region),
+                    true,
+                    &msg.geometry,
+                    &self.cfg.boxes,
+                )
             }
             _ => Vec::new(),
         };
@@ -67,7 +77,11 @@ impl Postprocess {
             model_version: msg.model_version,
             model_trained: msg.model_trained,
         };
-        Ok(vec![Output::message(&self.topics, &finding.id.study_instance_uid.clone(), &finding)])
+        Ok(vec![Output::message(
+            &self.topics,
+            &finding.id.study_instance_uid.clone(),
+            &finding,
+        )])
     }
 }
 
@@ -83,7 +97,17 @@ impl Handler for Postprocess {
 }
 
 /// Runs the stage until shutdown.
-pub async fn run(env: &StageEnv, cfg: &PostprocessConfig, manifest: Arc<Manifest>) -> Result<(), StageFailed> {
-    let handler = Postprocess { store: env.store.clone(), topics: env.topics.clone(), manifest, cfg: *cfg };
-    env.consume(STAGE, env.topics.of::<Scored>(), cfg.batch, &handler).await
+pub async fn run(
+    env: &StageEnv,
+    cfg: &PostprocessConfig,
+    manifest: Arc<Manifest>,
+) -> Result<(), StageFailed> {
+    let handler = Postprocess {
+        store: env.store.clone(),
+        topics: env.topics.clone(),
+        manifest,
+        cfg: *cfg,
+    };
+    env.consume(STAGE, env.topics.of::<Scored>(), cfg.batch, &handler)
+        .await
 }

@@ -55,7 +55,13 @@ impl Preprocess {
         let (tensor, geometry) = tokio::task::spawn_blocking(move || prepare(&dicom, &cfg))
             .await
             .map_err(|e| StageError::internal(format!("pre-processing task panicked: {e}")))??;
-        let tensor = self.store.put(Bytes::from(f32_to_bytes(&tensor)), "application/x-fracture-f32").await?;
+        let tensor = self
+            .store
+            .put(
+                Bytes::from(f32_to_bytes(&tensor)),
+                "application/x-fracture-f32",
+            )
+            .await?;
         let out = Preprocessed {
             schema: schema::PREPROCESSED.into(),
             id: msg.id,
@@ -64,7 +70,11 @@ impl Preprocess {
             tensor,
             geometry,
         };
-        Ok(vec![Output::message(&self.topics, &out.id.study_instance_uid.clone(), &out)])
+        Ok(vec![Output::message(
+            &self.topics,
+            &out.id.study_instance_uid.clone(),
+            &out,
+        )])
     }
 }
 
@@ -80,7 +90,16 @@ impl Handler for Preprocess {
 }
 
 /// Runs the stage until shutdown.
-pub async fn run(env: &StageEnv, cfg: &PreprocessConfig, transform: TransformConfig) -> Result<(), StageFailed> {
-    let handler = Preprocess { store: env.store.clone(), topics: env.topics.clone(), transform: Arc::new(transform) };
-    env.consume(STAGE, env.topics.of::<Deidentified>(), cfg.batch, &handler).await
+pub async fn run(
+    env: &StageEnv,
+    cfg: &PreprocessConfig,
+    transform: TransformConfig,
+) -> Result<(), StageFailed> {
+    let handler = Preprocess {
+        store: env.store.clone(),
+        topics: env.topics.clone(),
+        transform: Arc::new(transform),
+    };
+    env.consume(STAGE, env.topics.of::<Deidentified>(), cfg.batch, &handler)
+        .await
 }

@@ -52,7 +52,10 @@ impl Default for InProcBus {
 
 impl InProcBus {
     pub fn new() -> Self {
-        Self { state: Arc::default(), version: watch::channel(0).0 }
+        Self {
+            state: Arc::default(),
+            version: watch::channel(0).0,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -65,7 +68,11 @@ impl InProcBus {
     pub fn lag(&self, group: &str, topic: &str) -> i64 {
         let s = self.lock();
         let end = s.topics.get(topic).map(Log::end).unwrap_or(0);
-        let done = s.committed.get(&(group.to_string(), topic.to_string())).copied().unwrap_or(0);
+        let done = s
+            .committed
+            .get(&(group.to_string(), topic.to_string()))
+            .copied()
+            .unwrap_or(0);
         end - done
     }
 
@@ -96,11 +103,18 @@ impl InProcBus {
     }
 
     fn trim(s: &mut State, topic: &str) {
-        let Some(log) = s.topics.get(topic) else { return };
+        let Some(log) = s.topics.get(topic) else {
+            return;
+        };
         let min = log
             .groups
             .iter()
-            .map(|g| s.committed.get(&(g.clone(), topic.to_string())).copied().unwrap_or(0))
+            .map(|g| {
+                s.committed
+                    .get(&(g.clone(), topic.to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            })
             .min();
         if let (Some(min), Some(log)) = (min, s.topics.get_mut(topic)) {
             while log.base < min && !log.records.is_empty() {
@@ -122,10 +136,16 @@ impl Bus for InProcBus {
         let mut s = self.lock();
         let mut position = HashMap::new();
         for t in topics {
-            let log = s.topics.get_mut(t).ok_or_else(|| BusError::UnknownTopic(t.clone()))?;
+            let log = s
+                .topics
+                .get_mut(t)
+                .ok_or_else(|| BusError::UnknownTopic(t.clone()))?;
             log.groups.insert(group.to_string());
-            let committed =
-                s.committed.get(&(group.to_string(), t.clone())).copied().unwrap_or(0);
+            let committed = s
+                .committed
+                .get(&(group.to_string(), t.clone()))
+                .copied()
+                .unwrap_or(0);
             position.insert(t.clone(), committed);
         }
         Ok(Box::new(InProcConsumer {
@@ -164,7 +184,10 @@ impl InProcConsumer {
         let s = self.bus.lock();
         for t in &self.topics {
             let Some(log) = s.topics.get(t) else { continue };
-            let pos = self.position.get_mut(t).expect("every subscribed topic has a position");
+            let pos = self
+                .position
+                .get_mut(t)
+                .expect("every subscribed topic has a position");
             while out.len() < max && *pos < log.end() {
                 let idx = (*pos - log.base).max(0) as usize;
                 if let Some(r) = log.records.get(idx) {
@@ -209,7 +232,8 @@ impl StageIo for InProcConsumer {
             let mut s = self.bus.lock();
             self.bus.append(&mut s, outputs)?;
             for t in &self.topics {
-                s.committed.insert((self.group.clone(), t.clone()), self.position[t]);
+                s.committed
+                    .insert((self.group.clone(), t.clone()), self.position[t]);
                 InProcBus::trim(&mut s, t);
             }
         }
@@ -220,7 +244,11 @@ impl StageIo for InProcConsumer {
     async fn rewind(&mut self) -> Result<(), BusError> {
         let s = self.bus.lock();
         for t in &self.topics {
-            let c = s.committed.get(&(self.group.clone(), t.clone())).copied().unwrap_or(0);
+            let c = s
+                .committed
+                .get(&(self.group.clone(), t.clone()))
+                .copied()
+                .unwrap_or(0);
             self.position.insert(t.clone(), c);
         }
         Ok(())
@@ -256,7 +284,10 @@ impl InProcBus {
     /// it even if other groups commit past them first.
     pub fn register_group(&self, group: &str, topic: &str) -> Result<(), BusError> {
         let mut s = self.lock();
-        let log = s.topics.get_mut(topic).ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
+        let log = s
+            .topics
+            .get_mut(topic)
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
         log.groups.insert(group.to_string());
         Ok(())
     }

@@ -124,10 +124,14 @@ impl KafkaBus {
             .set("enable.idempotence", "true")
             // Where Java clients would put a key, so mixed deployments agree on partitions.
             .set("partitioner", "murmur2_random")
-            .set("transaction.timeout.ms", self.cfg.transaction_timeout_ms.to_string())
+            .set(
+                "transaction.timeout.ms",
+                self.cfg.transaction_timeout_ms.to_string(),
+            )
             .set("linger.ms", "5");
-        let p: ThreadedProducer<DefaultProducerContext> =
-            c.create().map_err(|e| BusError::Fatal(format!("cannot create producer: {e}")))?;
+        let p: ThreadedProducer<DefaultProducerContext> = c
+            .create()
+            .map_err(|e| BusError::Fatal(format!("cannot create producer: {e}")))?;
         Ok(p)
     }
 }
@@ -151,9 +155,15 @@ fn classify(e: KafkaError) -> BusError {
 }
 
 fn to_out_headers(headers: &[(String, String)]) -> OwnedHeaders {
-    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
-        h.insert(Header { key: k, value: Some(v.as_bytes()) })
-    })
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        },
+    )
 }
 
 /// Produces inside an open transaction, waiting out a full local queue.
@@ -164,8 +174,10 @@ fn produce_all(
 ) -> Result<(), BusError> {
     for o in outputs {
         let headers = to_out_headers(&o.headers);
-        let mut record =
-            BaseRecord::to(&o.topic).key(o.key.as_bytes()).payload(&o.payload).headers(headers);
+        let mut record = BaseRecord::to(&o.topic)
+            .key(o.key.as_bytes())
+            .payload(&o.payload)
+            .headers(headers);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -196,7 +208,9 @@ fn transact(
             let meta = consumer.group_metadata().ok_or_else(|| {
                 BusError::Aborted("consumer has no group metadata (not in a group yet)".into())
             })?;
-            producer.send_offsets_to_transaction(tpl, &meta, timeout).map_err(classify)?;
+            producer
+                .send_offsets_to_transaction(tpl, &meta, timeout)
+                .map_err(classify)?;
         }
         producer.commit_transaction(timeout).map_err(classify)
     })();
@@ -237,9 +251,18 @@ impl Bus for KafkaBus {
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("max.poll.interval.ms", self.cfg.max_poll_interval_ms.to_string())
-            .set("session.timeout.ms", self.cfg.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (self.cfg.session_timeout_ms / 3).max(100).to_string());
+            .set(
+                "max.poll.interval.ms",
+                self.cfg.max_poll_interval_ms.to_string(),
+            )
+            .set(
+                "session.timeout.ms",
+                self.cfg.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (self.cfg.session_timeout_ms / 3).max(100).to_string(),
+            );
         let consumer: BaseConsumer<GenerationContext> = c
             .create_with_context(GenerationContext::default())
             .map_err(|e| BusError::Fatal(format!("cannot create consumer: {e}")))?;
@@ -278,8 +301,10 @@ impl Bus for KafkaBus {
     }
 
     async fn create_topics(&self, topics: &[String], partitions: i32) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.base().create().map_err(|e| BusError::Fatal(format!("admin client: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .base()
+            .create()
+            .map_err(|e| BusError::Fatal(format!("admin client: {e}")))?;
         let new: Vec<NewTopic> = topics
             .iter()
             .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(self.cfg.replication)))
@@ -293,7 +318,9 @@ impl Bus for KafkaBus {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
-                    return Err(BusError::Unavailable(format!("cannot create topic {t}: {code}")))
+                    return Err(BusError::Unavailable(format!(
+                        "cannot create topic {t}: {code}"
+                    )))
                 }
             }
         }
@@ -323,7 +350,8 @@ fn seek_to_committed(
             Offset::Offset(o) => Offset::Offset(o),
             _ => Offset::Beginning,
         };
-        tpl.add_partition_offset(e.topic(), e.partition(), offset).map_err(classify)?;
+        tpl.add_partition_offset(e.topic(), e.partition(), offset)
+            .map_err(classify)?;
     }
     if tpl.count() > 0 {
         consumer.seek_partitions(tpl, timeout).map_err(classify)?;
@@ -371,7 +399,10 @@ impl StageIo for KafkaStageIo {
                                 h.iter()
                                     .filter_map(|h| {
                                         h.value.map(|v| {
-                                            (h.key.to_string(), String::from_utf8_lossy(v).into_owned())
+                                            (
+                                                h.key.to_string(),
+                                                String::from_utf8_lossy(v).into_owned(),
+                                            )
                                         })
                                     })
                                     .collect()
@@ -405,7 +436,8 @@ impl StageIo for KafkaStageIo {
             self.generation = Some(generation);
         }
         for r in &batch {
-            self.pending.insert((r.topic.clone(), r.partition), r.offset + 1);
+            self.pending
+                .insert((r.topic.clone(), r.partition), r.offset + 1);
         }
         Ok(batch)
     }
@@ -415,16 +447,23 @@ impl StageIo for KafkaStageIo {
         if self.generation.is_some_and(|g| g != generation) {
             self.pending.clear();
             self.generation = None;
-            return Err(BusError::Aborted("consumer group rebalanced before commit".into()));
+            return Err(BusError::Aborted(
+                "consumer group rebalanced before commit".into(),
+            ));
         }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &self.pending {
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o)).map_err(classify)?;
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                .map_err(classify)?;
         }
         let (consumer, producer, timeout) =
             (self.consumer.clone(), self.producer.clone(), self.timeout);
         let result = blocking(move || {
-            let offsets = if tpl.count() > 0 { Some((&tpl, &*consumer)) } else { None };
+            let offsets = if tpl.count() > 0 {
+                Some((&tpl, &*consumer))
+            } else {
+                None
+            };
             let r = transact(&producer, &outputs, offsets, timeout);
             if let Err(BusError::Aborted(_)) = &r {
                 seek_to_committed(&consumer, timeout)?;

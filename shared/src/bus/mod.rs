@@ -28,7 +28,10 @@ pub struct Record {
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -66,13 +69,17 @@ pub struct Topics {
 
 impl Default for Topics {
     fn default() -> Self {
-        Self { prefix: "fracture".into() }
+        Self {
+            prefix: "fracture".into(),
+        }
     }
 }
 
 impl Topics {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_string() }
+        Self {
+            prefix: prefix.to_string(),
+        }
     }
     /// `name` is a message's topic suffix, e.g. `deidentified` (see `Message::TOPIC`).
     pub fn name(&self, name: &str) -> String {
@@ -83,10 +90,18 @@ impl Topics {
     }
     /// Every topic the pipeline uses.
     pub fn all(&self) -> Vec<String> {
-        ["deidentified", "preprocessed", "scored", "findings", "labels", "alerts", "dead-letter"]
-            .iter()
-            .map(|t| self.name(t))
-            .collect()
+        [
+            "deidentified",
+            "preprocessed",
+            "scored",
+            "findings",
+            "labels",
+            "alerts",
+            "dead-letter",
+        ]
+        .iter()
+        .map(|t| self.name(t))
+        .collect()
     }
 }
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, real Kafka broker included: fetches the pinned fixtures, assembles and
+# starts a broker (unless FRACTURE_TEST_KAFKA names one), runs every test, stops the broker.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${FRACTURE_CACHE:-$HOME/.cache/fracture}/target}"
+
+FRACTURE_FIXTURES="$(bash scripts/fixtures.sh | tail -n 1)"
+export FRACTURE_FIXTURES
+
+broker_dir=""
+if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then
+  broker_dir="$(mktemp -d "${TMPDIR:-/tmp}/fracture-test-kafka.XXXXXX")"
+  trap 'bash scripts/kafka.sh stop "$broker_dir" >/dev/null 2>&1 || true; rm -rf "$broker_dir"' EXIT
+  FRACTURE_TEST_KAFKA="$(bash scripts/kafka.sh start "$broker_dir" --watch-pid $$ | tail -n 1)"
+  export FRACTURE_TEST_KAFKA
+  echo "test broker at $FRACTURE_TEST_KAFKA" >&2
+fi
+
+cargo test --workspace --locked "$@"
