@@ -130,6 +130,7 @@ pub async fn run(
     )?;
     let store = BlobStore::open(&StoreConfig {
         url: out.join("store").display().to_string(),
+        ..Default::default()
     })?;
     let linkage_path = out.join("linkage.csv");
     let linkage = Linkage::open(&linkage_path).context("opening linkage.csv")?;

@@ -54,6 +54,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tcfg: TelemetryConfig = settings.section("telemetry")?;
     telemetry::init(&tcfg);
+    if !tcfg.otlp_endpoint.is_empty() {
+        let service = format!("fracture-{}", format!("{stage:?}").to_lowercase());
+        fracture_shared::otlp::install(&tcfg.otlp_endpoint, &service);
+    }
     let kafka: KafkaConfig = settings.section("kafka")?;
     let topics = Topics::new(&kafka.topic_prefix);
     let bus: Arc<dyn Bus> = Arc::new(KafkaBus::new(kafka.clone()));
@@ -89,6 +93,18 @@ pub async fn run(
         instance: instance.to_string(),
         retry: settings.section::<RetryPolicy>("retry")?,
     };
+    let result = run_stage(settings, stage, &env, paths).await;
+    fracture_shared::otlp::flush(std::time::Duration::from_secs(5)).await;
+    result
+}
+
+async fn run_stage(
+    settings: &Settings,
+    stage: Stage,
+    env: &StageEnv,
+    paths: &[PathBuf],
+) -> anyhow::Result<()> {
+    let env = env.clone();
     match stage {
         Stage::Ingest => serve_ingest(settings, &env, paths).await?,
         Stage::Preprocess => {

@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
@@ -62,7 +63,37 @@ impl Drop for Stages {
     }
 }
 
-fn write_config(dir: &Path, brokers: &str, prefix: &str, key: &Path) -> PathBuf {
+/// An in-process OTLP/HTTP receiver: keeps every span posted to `/v1/traces` as (trace id, name).
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let spans: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let keep = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        for sp in ss["spans"].as_array().into_iter().flatten() {
+                            keep.lock().unwrap().push((
+                                sp["traceId"].as_str().unwrap_or("").to_string(),
+                                sp["name"].as_str().unwrap_or("").to_string(),
+                            ));
+                        }
+                    }
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), spans)
+}
+
+fn write_config(dir: &Path, brokers: &str, prefix: &str, key: &Path, otlp: &str) -> PathBuf {
     let cfg = dir.join("fracture.toml");
     let text = format!(
         r#"[kafka]
@@ -80,6 +111,7 @@ database = "sqlite://{db}"
 [telemetry]
 metrics_addr = "127.0.0.1:0"
 log = "info"
+otlp_endpoint = "{otlp}"
 [model]
 manifest = "{manifest}"
 "#,
@@ -141,17 +173,20 @@ async fn collect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_serve_processes_on_kafka_then_scan_agree() {
-    let work = tempfile::tempdir().unwrap();
-    let inputs = common::build_inputs(&work.path().join("inputs"));
-    let key = work.path().join("deid.key");
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path().to_path_buf();
+    eprintln!("e2e work folder: {}", work.display());
+    let inputs = common::build_inputs(&work.join("inputs"));
+    let key = work.join("deid.key");
     std::fs::write(&key, [7u8; 32]).unwrap();
 
     // (a) Five processes on a real broker.
     let brokers = testkit::kafka_brokers();
     let prefix = testkit::unique_prefix("e2e");
-    let kdir = work.path().join("kafka-run");
+    let kdir = work.join("kafka-run");
     std::fs::create_dir_all(&kdir).unwrap();
-    let cfg = write_config(&kdir, &brokers, &prefix, &key);
+    let (otlp, spans) = otlp_receiver().await;
+    let cfg = write_config(&kdir, &brokers, &prefix, &key, &otlp);
     let started = Instant::now();
     let mut stages = Stages(vec![
         spawn(&cfg, &kdir, "preprocess", &[]),
@@ -281,6 +316,27 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         "graceful shutdown: {failures:?}\n{}",
         logs()
     );
+
+    // One radiograph is one trace: the five stages' spans share the trace id its finding carries.
+    let spans = spans.lock().unwrap().clone();
+    for r in out.iter().filter(|r| r.topic.ends_with(".findings")) {
+        let tp = r
+            .header("traceparent")
+            .expect("findings carry trace context");
+        let trace_id = tp.split('-').nth(1).unwrap();
+        let names: BTreeSet<&str> = spans
+            .iter()
+            .filter(|(t, _)| t == trace_id)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["audit", "ensemble", "ingest", "postprocess", "preprocess"]
+                .into_iter()
+                .collect(),
+            "spans of trace {trace_id}"
+        );
+    }
     let db =
         fracture_audit::AuditDb::open(&format!("sqlite://{}", kdir.join("audit.db").display()))
             .await
@@ -293,7 +349,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     db.close().await;
 
     // (b) The same inputs through `fracture scan`, one process, no broker.
-    let sdir = work.path().join("scan-out");
+    let sdir = work.join("scan-out");
     let started = Instant::now();
     let st = Command::new(BIN)
         .arg("--set")

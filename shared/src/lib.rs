@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod messages;
 pub mod metrics;
+pub mod otlp;
 pub mod pixels;
 pub mod region;
 pub mod stage;

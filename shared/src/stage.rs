@@ -125,6 +125,7 @@ impl StageRunner {
                 continue;
             }
             let started = Instant::now();
+            let started_wall = std::time::SystemTime::now();
             let Some(results) = self
                 .handle_with_retries(&batch, handler, &mut shutdown)
                 .await
@@ -135,12 +136,14 @@ impl StageRunner {
             };
             let mut outputs = Vec::new();
             let mut dead = 0usize;
+            let mut spans = Vec::with_capacity(batch.len());
             for (record, result) in batch.iter().zip(results) {
-                let parent = record
+                let upstream = record
                     .header(telemetry::TRACEPARENT)
-                    .and_then(telemetry::from_traceparent)
-                    .unwrap_or_else(telemetry::new_trace);
+                    .and_then(telemetry::from_traceparent);
+                let parent = upstream.clone().unwrap_or_else(telemetry::new_trace);
                 let span = telemetry::child_of(&parent);
+                spans.push((span.clone(), upstream.map(|u| u.span_id()), result.is_err()));
                 let headers = vec![(
                     telemetry::TRACEPARENT.to_string(),
                     telemetry::to_traceparent(&span),
@@ -196,6 +199,23 @@ impl StageRunner {
             }
             match io.commit(outputs).await {
                 Ok(()) => {
+                    if crate::otlp::enabled() {
+                        let end = std::time::SystemTime::now();
+                        for (context, parent, error) in spans {
+                            crate::otlp::record(crate::otlp::SpanRecord {
+                                context,
+                                parent,
+                                name: self.stage.to_string(),
+                                start: started_wall,
+                                end,
+                                attributes: vec![
+                                    ("fracture.stage".into(), self.stage.into()),
+                                    ("fracture.batch_size".into(), batch.len().to_string()),
+                                ],
+                                error,
+                            });
+                        }
+                    }
                     self.metrics
                         .batch_seconds
                         .with_label_values(&[self.stage])

@@ -76,10 +76,12 @@ fn key(sha256: &str) -> ObjectPath {
 impl BlobStore {
     pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
         let url = cfg.url.trim();
+        if url.starts_with("s3://") {
+            return Self::open_s3(url, cfg);
+        }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Config(format!(
-                "store URL scheme of {url:?} is not built in; this build supports local folders \
-                 (a path or file://). Build with the `s3` feature for S3-compatible stores."
+                "store URL {url:?}: only local folders (a path or file://) and s3:// are supported"
             )));
         }
         let dir = url.strip_prefix("file://").unwrap_or(url);
@@ -91,6 +93,38 @@ impl BlobStore {
         Ok(Self {
             inner: Arc::new(fs),
         })
+    }
+
+    #[cfg(feature = "s3")]
+    fn open_s3(url: &str, cfg: &StoreConfig) -> Result<Self, StoreError> {
+        let rest = url.trim_start_matches("s3://");
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if !cfg.endpoint.is_empty() {
+            b = b
+                .with_endpoint(&cfg.endpoint)
+                .with_allow_http(cfg.endpoint.starts_with("http://"));
+        }
+        let s3 = b
+            .build()
+            .map_err(|e| StoreError::Config(format!("S3 store {url}: {e}")))?;
+        let inner: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(
+                s3,
+                prefix.trim_matches('/'),
+            ))
+        };
+        Ok(Self { inner })
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn open_s3(url: &str, _cfg: &StoreConfig) -> Result<Self, StoreError> {
+        Err(StoreError::Config(format!(
+            "store URL {url:?} needs S3 support, which this build leaves out to stay lean; \
+             rebuild with `cargo build --release --features s3`, or use a shared folder"
+        )))
     }
 
     pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> Self {
@@ -164,6 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(&StoreConfig {
             url: dir.path().display().to_string(),
+            ..Default::default()
         })
         .unwrap();
         let a = store

@@ -20,6 +20,8 @@ pub struct TelemetryConfig {
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint of a serving stage;
     /// empty disables it.
     pub metrics_addr: String,
+    /// OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`); empty: no span export.
+    pub otlp_endpoint: String,
 }
 
 impl Default for TelemetryConfig {
@@ -28,6 +30,7 @@ impl Default for TelemetryConfig {
             log: "info".into(),
             json: false,
             metrics_addr: "127.0.0.1:9100".into(),
+            otlp_endpoint: String::new(),
         }
     }
 }

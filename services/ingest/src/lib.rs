@@ -227,6 +227,7 @@ impl Ingest {
             self.policy.pseudonym("input", &path.display().to_string())
         );
         let trace = telemetry::new_trace();
+        let started = std::time::SystemTime::now();
         let headers = vec![(
             telemetry::TRACEPARENT.to_string(),
             telemetry::to_traceparent(&trace),
@@ -257,6 +258,18 @@ impl Ingest {
                 self.radiograph(&input, &b, path).await.map(|m| (m, n))
             }
         };
+        if fracture_shared::otlp::enabled() {
+            let now = std::time::SystemTime::now();
+            fracture_shared::otlp::record(fracture_shared::otlp::SpanRecord {
+                context: trace.clone(),
+                parent: None,
+                name: STAGE.into(),
+                start: started,
+                end: now,
+                attributes: vec![("fracture.stage".into(), STAGE.into())],
+                error: result.is_err(),
+            });
+        }
         match result {
             Ok((m, n)) => {
                 let key = m.id.study_instance_uid.clone();
