@@ -39,7 +39,7 @@ pub fn fixtures() -> PathBuf {
 pub struct Inputs {
     pub dir: PathBuf,
     /// Files that must each give one finding.
-    pub good: Vec<&'static str>,
+    pub good: Vec<String>,
     /// Files that must each give one dead letter, with a word the reason must contain.
     pub bad: Vec<(&'static str, &'static str)>,
     /// Files that are plainly not DICOM: skipped, counted, never a message.
@@ -127,7 +127,25 @@ pub fn build_inputs(dir: &Path) -> Inputs {
     });
     Inputs {
         dir: dir.to_path_buf(),
-        good: vec!["rg3.dcm", "sub/cat.dcm"],
+        good: {
+            let mut good = vec!["rg3.dcm".to_string(), "sub/cat.dcm".to_string()];
+            // FRACTURE_E2E_COPIES=N adds N more copies of each radiograph, for throughput figures.
+            let copies: usize = std::env::var("FRACTURE_E2E_COPIES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if copies > 0 {
+                std::fs::create_dir_all(dir.join("bulk")).unwrap();
+            }
+            for i in 0..copies {
+                for (src, name) in [(rg3.clone(), "rg3"), (fx.join("cat.dcm"), "cat")] {
+                    let rel = format!("bulk/{name}-{i}.dcm");
+                    std::fs::copy(&src, dir.join(&rel)).unwrap();
+                    good.push(rel);
+                }
+            }
+            good
+        },
         bad: vec![
             ("empty.dcm", "empty file"),
             ("fake.dcm", "not a DICOM file"),
