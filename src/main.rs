@@ -55,6 +55,24 @@ enum Command {
     },
     /// Create the pipeline's Kafka topics (idempotent).
     Topics,
+    /// The paper's evaluation (AUC, sensitivity, specificity, PPV, NPV with 95% CIs, per region).
+    Evaluate {
+        /// Findings as `scan` writes them (findings.jsonl).
+        #[arg(long, value_name = "FILE")]
+        predictions: PathBuf,
+        /// Reference reads: sop_instance_uid,region,fracture,x0,y0,x1,y1 (+ optional subgroup columns).
+        #[arg(long, value_name = "FILE")]
+        labels: PathBuf,
+        /// Bootstrap resamples for AUC, PPV and NPV intervals.
+        #[arg(long, default_value_t = 1000)]
+        bootstrap: usize,
+        /// Seed of the bootstrap.
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
     /// Inspect the DRN family.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -76,6 +94,13 @@ enum ModelCommand {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Format {
+    Json,
+    Markdown,
+    Html,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum Stage {
     Ingest,
     Preprocess,
@@ -90,8 +115,26 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes, one line each; no backtrace for a person to wade through.
+            let mut text = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                // Typed errors often repeat their source in their own message: say it once.
+                if !text.contains(&cause) {
+                    text.push_str(if text.is_empty() { "" } else { ": " });
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = fracture_shared::config::Settings::load(cli.config.as_deref(), &cli.set)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -120,6 +163,27 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve::run(&settings, stage, &paths, &instance))
         }
         Command::Topics => runtime.block_on(serve::create_topics(&settings)),
+        Command::Evaluate {
+            predictions,
+            labels,
+            bootstrap,
+            seed,
+            format,
+        } => {
+            use fracture_audit::evaluate;
+            let e = evaluate::evaluate(
+                &predictions,
+                &labels,
+                &evaluate::EvalOptions { bootstrap, seed },
+            )?;
+            let text = match format {
+                Format::Json => serde_json::to_string_pretty(&e)?,
+                Format::Markdown => evaluate::to_markdown(&e),
+                Format::Html => evaluate::to_html(&e),
+            };
+            println!("{text}");
+            Ok(())
+        }
         Command::Model(ModelCommand::Summary {
             arch,
             input,

@@ -1,6 +1,8 @@
 //! The audit sink: every finding in a database, idempotent by SOP Instance UID + model version,
 //! so replaying the findings topic changes nothing.
 
+pub mod evaluate;
+
 use std::str::FromStr;
 
 use async_trait::async_trait;

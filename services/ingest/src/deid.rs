@@ -63,9 +63,10 @@ impl DeidPolicy {
                 "uid_root {uid_root:?} is not a UID root like 2.25 or 1.2.826.0.1.3680043.10.1234"
             )));
         }
-        if root.len() > 24 {
+        // At least 31 hash digits (about 100 bits) must follow the root within 64 characters.
+        if root.len() > 32 {
             return Err(PolicyError(format!(
-                "uid_root {uid_root:?} is too long: generated UIDs must fit in 64 characters"
+                "uid_root {uid_root:?} is too long: at most 32 characters leave room for the hash in a 64-character UID"
             )));
         }
         Ok(Self {
@@ -98,7 +99,7 @@ impl DeidPolicy {
             uid
         } else {
             // Long custom roots: drop digits from the hash, keeping the root.
-            uid[..64].trim_end_matches('0').to_string()
+            uid[..64].to_string()
         }
     }
 
