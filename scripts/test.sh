@@ -8,6 +8,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${FRACTURE_CACHE:-$HOME/.cache/frac
 
 FRACTURE_FIXTURES="$(bash scripts/fixtures.sh | tail -n 1)"
 export FRACTURE_FIXTURES
+# Peers the tests compare against (each script is idempotent and pins its versions):
+# gdcmanon, dciodvfy, dcmtk and pydicom; scikit-learn and statsmodels.
+bash scripts/deid-peers.sh >/dev/null
+bash scripts/pyenv.sh >/dev/null
 
 broker_dir=""
 if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then

@@ -1,12 +1,16 @@
 //! De-identification: the PHI boundary. A pure function from a DICOM object and a policy to a
 //! de-identified object.
 //!
-//! Foundation scope: the PS3.15 Annex E Basic Profile actions for the attributes CR/DX objects
-//! carry in practice (the table below), applied recursively into sequences; every private tag
-//! removed; every person name (PN) not listed removed; every non-standard UID replaced by a
-//! keyed hash; every date shifted by one per-patient offset (Retain Longitudinal Temporal
-//! Information with Modified Dates); age and sex kept (Retain Patient Characteristics);
-//! institution replaced by the site code.
+//! The PS3.15 Annex E Basic Application Level Confidentiality Profile: every attribute of
+//! Table E.1-1 (the data in [`table`]) gets its Basic Profile action, applied recursively into
+//! sequences, with the combined actions (X/Z, X/D, X/Z/D, Z/D, X/Z/U*) resolved by the attribute's
+//! Type in the CR and DX IODs. Options in effect, and written into the method code sequence:
+//! Retain Longitudinal Temporal Information with Modified Dates (every date and date-time shifted
+//! by one per-patient offset, times kept) and Retain Patient Characteristics (age, sex, size,
+//! weight, ... kept). Beyond the table: every private tag removed, curves and overlays removed,
+//! every person name (PN) the table does not mention removed, every non-standard instance UID
+//! replaced by a keyed hash, the institution replaced by the site code, and the file meta
+//! rewritten to name this application.
 
 use dicom_core::header::Header;
 use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
@@ -18,6 +22,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use fracture_shared::error::StageError;
+
+pub mod table;
+
+pub use table::{Basic, Row, TABLE};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -116,78 +124,202 @@ impl DeidPolicy {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Action {
-    /// X: remove.
+/// What happens to one attribute, after Table E.1-1, the options and the CR/DX types resolve.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// X: removed.
     Remove,
-    /// Z: keep the attribute, empty its value (Type 2 attributes).
+    /// Z: kept with an empty value (an empty sequence for SQ).
     Empty,
-    /// D: replace with a pseudonym derived from the original.
+    /// D: a dummy consistent with the VR (keyed, so the same input gives the same dummy).
+    Dummy,
+    /// K: kept; a sequence is kept and every item cleaned by the same rules.
+    Keep,
+    /// U: every UID replaced by its keyed hash.
+    Uid,
+    /// X/Z/U*: the sequence kept, each item cleaned, so the UIDs inside are replaced.
+    CleanSequence,
+    /// Retain Longitudinal Temporal Information with Modified Dates: dates and date-times
+    /// shifted by the patient's offset, times of day kept.
+    ShiftDate,
+    /// D for Patient's Name and Patient ID: the keyed patient pseudonym.
     Pseudonym,
-    /// Replace with the site code.
+    /// D for Institution Name: the deployment's site code.
     Site,
 }
 
-/// Basic Profile actions for the attributes radiographs carry (subset of Table E.1-1).
-// Retired attributes are still in Table E.1-1: old modalities still write them.
+/// Combined actions resolved for the CR and DX IODs, where the Type of the attribute decides.
+/// Everything not here resolves the Type 3 way (X), because the CR/DX IODs make none of the
+/// other combined-action attributes Type 1 or 2.
 #[allow(deprecated)]
-const TABLE: &[(Tag, Action)] = &[
-    (tags::PATIENT_NAME, Action::Pseudonym),
-    (tags::PATIENT_ID, Action::Pseudonym),
-    (tags::PATIENT_BIRTH_DATE, Action::Empty),
-    (tags::PATIENT_BIRTH_TIME, Action::Remove),
-    (tags::OTHER_PATIENT_I_DS, Action::Remove),
-    (tags::OTHER_PATIENT_NAMES, Action::Remove),
-    (tags::OTHER_PATIENT_I_DS_SEQUENCE, Action::Remove),
-    (tags::PATIENT_BIRTH_NAME, Action::Remove),
-    (tags::PATIENT_MOTHER_BIRTH_NAME, Action::Remove),
-    (tags::PATIENT_ADDRESS, Action::Remove),
-    (tags::PATIENT_TELEPHONE_NUMBERS, Action::Remove),
-    (tags::MILITARY_RANK, Action::Remove),
-    (tags::BRANCH_OF_SERVICE, Action::Remove),
-    (tags::MEDICAL_RECORD_LOCATOR, Action::Remove),
-    (tags::ETHNIC_GROUP, Action::Remove),
-    (tags::OCCUPATION, Action::Remove),
-    (tags::ADDITIONAL_PATIENT_HISTORY, Action::Remove),
-    (tags::PATIENT_COMMENTS, Action::Remove),
-    (tags::PATIENT_RELIGIOUS_PREFERENCE, Action::Remove),
-    (tags::PATIENT_INSURANCE_PLAN_CODE_SEQUENCE, Action::Remove),
-    (tags::RESPONSIBLE_PERSON, Action::Remove),
-    (tags::RESPONSIBLE_ORGANIZATION, Action::Remove),
-    (tags::ACCESSION_NUMBER, Action::Empty),
-    (tags::STUDY_ID, Action::Empty),
-    (tags::REFERRING_PHYSICIAN_NAME, Action::Empty),
-    (tags::INSTITUTION_NAME, Action::Site),
-    (tags::INSTITUTION_ADDRESS, Action::Remove),
-    (tags::INSTITUTIONAL_DEPARTMENT_NAME, Action::Remove),
-    (tags::STATION_NAME, Action::Remove),
-    (tags::DEVICE_SERIAL_NUMBER, Action::Remove),
-    (tags::DETECTOR_ID, Action::Remove),
-    (tags::PLATE_ID, Action::Remove),
-    (tags::PERFORMING_PHYSICIAN_NAME, Action::Remove),
-    (tags::NAME_OF_PHYSICIANS_READING_STUDY, Action::Remove),
-    (tags::OPERATORS_NAME, Action::Remove),
-    (tags::PHYSICIANS_OF_RECORD, Action::Remove),
-    (tags::REQUESTING_PHYSICIAN, Action::Remove),
-    (tags::STUDY_DESCRIPTION, Action::Remove),
-    (tags::SERIES_DESCRIPTION, Action::Remove),
-    (tags::PROTOCOL_NAME, Action::Remove),
-    (tags::IMAGE_COMMENTS, Action::Remove),
-    (tags::ADMITTING_DIAGNOSES_DESCRIPTION, Action::Remove),
-    (tags::DERIVATION_DESCRIPTION, Action::Remove),
-    (tags::REQUESTED_PROCEDURE_DESCRIPTION, Action::Remove),
-    (tags::REQUESTED_PROCEDURE_ID, Action::Remove),
-    (tags::PERFORMED_PROCEDURE_STEP_DESCRIPTION, Action::Remove),
-    (tags::PERFORMED_PROCEDURE_STEP_ID, Action::Remove),
-    (tags::REQUEST_ATTRIBUTES_SEQUENCE, Action::Remove),
-    (tags::REFERENCED_PATIENT_SEQUENCE, Action::Remove),
+const CR_DX_RESOLUTION: &[(Tag, Action, &str)] = &[
     (
-        tags::ACQUISITION_DEVICE_PROCESSING_DESCRIPTION,
-        Action::Remove,
+        tags::PATIENT_NAME,
+        Action::Pseudonym,
+        "Z, Type 2: a keyed pseudonym (a D) so one patient's images stay together downstream",
     ),
-    (tags::CONTENT_CREATOR_NAME, Action::Remove),
-    (tags::TEXT_COMMENTS, Action::Remove),
+    (
+        tags::PATIENT_ID,
+        Action::Pseudonym,
+        "Z/D, Type 2: the keyed pseudonym, as for the name",
+    ),
+    (
+        tags::PATIENT_BIRTH_DATE,
+        Action::Empty,
+        "Z, Type 2: a birth date is not longitudinal information (age is kept instead)",
+    ),
+    (
+        tags::PATIENT_BIRTH_TIME,
+        Action::Remove,
+        "X: not kept as a time of day either",
+    ),
+    (
+        tags::INSTITUTION_NAME,
+        Action::Site,
+        "X/Z/D: the design keeps a pseudonymous site code (a D)",
+    ),
+    (
+        tags::ACQUISITION_CONTEXT_SEQUENCE,
+        Action::Empty,
+        "X/Z: Type 2 in the DX Acquisition Context module",
+    ),
+    (
+        tags::SOURCE_IMAGE_SEQUENCE,
+        Action::CleanSequence,
+        "X/Z/U*: Type 1C for derived CR/DX images; the UIDs inside are replaced",
+    ),
+    (
+        tags::REFERENCED_IMAGE_SEQUENCE,
+        Action::CleanSequence,
+        "X/Z/U*: links For Processing and For Presentation images; the UIDs inside are replaced",
+    ),
 ];
+
+/// Attributes that are not in Table E.1-1 but identify the patient: removed anyway.
+const BEYOND_TABLE: &[(Tag, &str)] = &[
+    (
+        Tag(0x0010, 0x0033),
+        "Patient's Birth Date in Alternative Calendar",
+    ),
+    (
+        Tag(0x0010, 0x0034),
+        "Patient's Death Date in Alternative Calendar",
+    ),
+    (Tag(0x0010, 0x0035), "Patient's Alternative Calendar"),
+    (
+        Tag(0x0010, 0x0024),
+        "Issuer of Patient ID Qualifiers Sequence",
+    ),
+    (Tag(0x0008, 0x0051), "Issuer of Accession Number Sequence"),
+    (
+        Tag(0x0010, 0x2294),
+        "Breed Registration Sequence (an animal patient's registry ID)",
+    ),
+    (
+        Tag(0x0032, 0x1031),
+        "Requesting Physician Identification Sequence",
+    ),
+    (Tag(0x0032, 0x1034), "Requesting Service Code Sequence"),
+    (Tag(0x0040, 0x4009), "Human Performer Code Sequence"),
+    (
+        Tag(0x0008, 0x103F),
+        "Series Description Code Sequence (free-text code meanings)",
+    ),
+    // Someone else's encrypted copy of the original identifiers: PHI for whoever holds that key.
+    (Tag(0x0400, 0x0500), "Encrypted Attributes Sequence"),
+];
+
+/// UI attributes whose values name a class, a transfer syntax or a coding scheme, never an
+/// instance or a person: hashing them would only make the object unreadable.
+#[allow(deprecated)]
+const DEFINITION_UIDS: &[Tag] = &[
+    tags::SOP_CLASS_UID,
+    tags::REFERENCED_SOP_CLASS_UID,
+    tags::REFERENCED_SOP_CLASS_UID_IN_FILE,
+    tags::REFERENCED_TRANSFER_SYNTAX_UID_IN_FILE,
+    tags::RELATED_GENERAL_SOP_CLASS_UID,
+    tags::ORIGINAL_SPECIALIZED_SOP_CLASS_UID,
+    tags::SOP_CLASSES_IN_STUDY,
+    tags::CODING_SCHEME_UID,
+    tags::CONTEXT_UID,
+    tags::MAPPING_RESOURCE_UID,
+    tags::TRANSFER_SYNTAX_UID,
+];
+
+/// The action for an attribute with this tag and VR, wherever it sits (top level or nested).
+pub fn action_for(tag: Tag, vr: VR) -> Action {
+    if let Some((_, a, _)) = CR_DX_RESOLUTION.iter().find(|(t, _, _)| *t == tag) {
+        return *a;
+    }
+    if BEYOND_TABLE.iter().any(|(t, _)| *t == tag) {
+        return Action::Remove;
+    }
+    if let Some(column) = table::patient_characteristic(tag) {
+        // C asks for a clean of free text (allergies, state, ...): we have none, so X stays.
+        return if column == Basic::K {
+            Action::Keep
+        } else {
+            Action::Remove
+        };
+    }
+    match table::lookup(tag) {
+        Some(row) => {
+            // The Modified Dates option has C for every date and time row: shift, keep times.
+            if matches!(vr, VR::DA | VR::DT | VR::TM) {
+                return Action::ShiftDate;
+            }
+            match row.basic {
+                Basic::D => Action::Dummy,
+                Basic::Z | Basic::ZD => Action::Empty,
+                Basic::K => Action::Keep,
+                Basic::U => Action::Uid,
+                Basic::X | Basic::C | Basic::XZ | Basic::XD | Basic::XZD | Basic::XZU => {
+                    Action::Remove
+                }
+            }
+        }
+        None => match vr {
+            // A person's name anywhere the table does not mention (nested physicians, ...).
+            VR::PN => Action::Remove,
+            // A standard attribute sent as UN cannot be told apart from a name or a date.
+            VR::UN => Action::Remove,
+            VR::UI if DEFINITION_UIDS.contains(&tag) => Action::Keep,
+            VR::UI => Action::Uid,
+            VR::DA | VR::DT | VR::TM => Action::ShiftDate,
+            _ => Action::Keep,
+        },
+    }
+}
+
+/// One line of the profile as applied: a Table E.1-1 row and what we do with it.
+#[derive(Debug, Clone)]
+pub struct ProfileLine {
+    pub tag: Tag,
+    pub name: &'static str,
+    pub basic: Basic,
+    pub action: Action,
+}
+
+/// Every Table E.1-1 row with the action it resolves to (the VR taken from the dictionary).
+pub fn profile() -> Vec<ProfileLine> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    let dict = dicom_dictionary_std::StandardDataDictionary;
+    TABLE
+        .iter()
+        .map(|row| {
+            let vr = match dict.by_tag(row.tag).map(|e| e.vr()) {
+                Some(VirtualVr::Exact(vr)) => vr,
+                _ => VR::UN,
+            };
+            ProfileLine {
+                tag: row.tag,
+                name: row.name,
+                basic: row.basic,
+                action: action_for(row.tag, vr),
+            }
+        })
+        .collect()
+}
 
 /// Standard UIDs (SOP classes, transfer syntaxes, coding schemes) identify no one.
 fn is_standard_uid(uid: &str) -> bool {
@@ -232,14 +364,48 @@ fn shift_date(value: &str, days: i64) -> Option<String> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
+    // What follows the date must be a DT time and offset; anything else (a range such as
+    // 20200101-20200201, free text) could carry a second, unshifted date.
+    if !is_time_suffix(&v[8..]) {
+        return None;
+    }
     let (y, m, d) = civil_from_days(days_from_civil(y, m, d) + days);
     Some(format!("{y:04}{m:02}{d:02}{}", &v[8..]))
+}
+
+/// `HHMMSS.FFFFFF&ZZXX`, each part optional from the right, as DT allows after the date.
+fn is_time_suffix(rest: &str) -> bool {
+    let (main, offset) = match rest.find(['+', '-']) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let (time, fraction) = match main.split_once('.') {
+        Some((t, f)) => (t, Some(f)),
+        None => (main, None),
+    };
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    digits(time)
+        && time.len() <= 6
+        && time.len() % 2 == 0
+        && fraction.is_none_or(|f| time.len() == 6 && (1..=6).contains(&f.len()) && digits(f))
+        && offset.is_none_or(|o| o.len() == 4 && digits(o))
 }
 
 struct Ctx<'a> {
     policy: &'a DeidPolicy,
     shift: i64,
+    /// The patient is an animal (the species is given): some X rows are Type 2C then.
+    animal: bool,
 }
+
+/// Type 2C in the Patient module when the patient is an animal: X there would break the IOD,
+/// so they are emptied (Z) instead, which still removes the owner's identity.
+#[allow(deprecated)]
+const ANIMAL_TYPE_2C: &[Tag] = &[
+    tags::RESPONSIBLE_PERSON,
+    tags::RESPONSIBLE_ORGANIZATION,
+    tags::BREED_REGISTRATION_SEQUENCE,
+];
 
 fn clean_object(obj: InMemDicomObject, ctx: &Ctx) -> InMemDicomObject {
     InMemDicomObject::from_element_iter(obj.into_iter().filter_map(|e| clean_element(e, ctx)))
@@ -248,74 +414,111 @@ fn clean_object(obj: InMemDicomObject, ctx: &Ctx) -> InMemDicomObject {
 fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
     let tag = e.tag();
     let vr = e.vr();
-    // Private attributes (odd groups) can hold anything: remove them all.
+    // Private attributes (odd groups, their creators included) can hold anything: the table's
+    // (gggg,eeee) row.
     if tag.group() % 2 == 1 {
         return None;
     }
-    // Overlays (60xx) may carry burned-in text as graphics.
-    if (0x6000..=0x60FF).contains(&tag.group()) {
+    // Group lengths would be stale after removals; writers recompute the ones still required.
+    if tag.element() == 0x0000 {
         return None;
     }
-    if let Some((_, action)) = TABLE.iter().find(|(t, _)| *t == tag) {
-        return match action {
-            Action::Remove => None,
-            Action::Empty => Some(DataElement::empty(tag, vr)),
-            Action::Site => Some(DataElement::new(
-                tag,
-                vr,
-                PrimitiveValue::from(ctx.policy.site_code.as_str()),
-            )),
-            Action::Pseudonym => {
-                let original = e.to_str().map(|s| s.into_owned()).unwrap_or_default();
-                let p = format!(
-                    "ANON{}",
-                    &ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase()
-                );
-                Some(DataElement::new(tag, vr, PrimitiveValue::from(p.as_str())))
-            }
-        };
+    // Curve Data (50xx,xxxx) and overlays (60xx): the table's rows remove the data and the
+    // comments; the rest of an overlay group describes nothing once its data is gone.
+    if matches!(tag.group() & 0xFF00, 0x5000 | 0x6000) {
+        return None;
     }
-    match vr {
-        // A person's name anywhere else (nested physicians, verifying observers, ...).
-        VR::PN => None,
-        VR::SQ => {
-            let items = match e.into_value() {
-                Value::Sequence(seq) => seq.into_items(),
-                _ => return None,
-            };
-            let cleaned: Vec<InMemDicomObject> =
-                items.into_iter().map(|i| clean_object(i, ctx)).collect();
-            Some(DataElement::new(
+    let mut action = action_for(tag, vr);
+    if ctx.animal && action == Action::Remove && ANIMAL_TYPE_2C.contains(&tag) {
+        action = Action::Empty;
+    }
+    match action {
+        Action::Remove => None,
+        Action::Empty => Some(if vr == VR::SQ {
+            DataElement::new(
                 tag,
                 VR::SQ,
-                DataSetSequence::new(cleaned, Length::UNDEFINED),
-            ))
+                DataSetSequence::new(Vec::<InMemDicomObject>::new(), Length::UNDEFINED),
+            )
+        } else {
+            DataElement::empty(tag, vr)
+        }),
+        Action::Keep | Action::CleanSequence if vr == VR::SQ => clean_sequence(e, ctx),
+        // A U* row that is not a sequence here: nothing to keep it for.
+        Action::CleanSequence => None,
+        Action::Keep => Some(e),
+        Action::Uid => replace_uids(&e, ctx),
+        Action::ShiftDate => shift_element(e, ctx),
+        Action::Dummy => dummy(&e, ctx),
+        Action::Pseudonym => {
+            let original = text_of(&e);
+            let p = format!(
+                "ANON{}",
+                &ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase()
+            );
+            Some(DataElement::new(tag, vr, PrimitiveValue::from(p.as_str())))
         }
-        VR::UI => {
-            let uids: Vec<String> = match e.value() {
-                Value::Primitive(p) => p
-                    .to_multi_str()
-                    .iter()
-                    .map(|s| s.trim_end_matches('\0').trim().to_string())
-                    .collect(),
-                _ => return None,
-            };
-            let mapped: Vec<String> = uids
-                .into_iter()
-                .map(|u| {
-                    if u.is_empty() || is_standard_uid(&u) {
-                        u
-                    } else {
-                        ctx.policy.pseudonymise_uid(&u)
-                    }
-                })
-                .collect();
-            Some(DataElement::new(
-                tag,
-                VR::UI,
-                PrimitiveValue::Strs(mapped.into()),
-            ))
-        }
+        Action::Site => Some(DataElement::new(
+            tag,
+            vr,
+            PrimitiveValue::from(ctx.policy.site_code.as_str()),
+        )),
+    }
+}
+
+fn text_of(e: &InMemElement) -> String {
+    e.to_str().map(|s| s.into_owned()).unwrap_or_default()
+}
+
+fn clean_sequence(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
+    let tag = e.tag();
+    let items = match e.into_value() {
+        Value::Sequence(seq) => seq.into_items(),
+        _ => return None,
+    };
+    let cleaned: Vec<InMemDicomObject> = items.into_iter().map(|i| clean_object(i, ctx)).collect();
+    Some(DataElement::new(
+        tag,
+        VR::SQ,
+        DataSetSequence::new(cleaned, Length::UNDEFINED),
+    ))
+}
+
+fn replace_uids(e: &InMemElement, ctx: &Ctx) -> Option<InMemElement> {
+    if e.vr() != VR::UI {
+        // A U row with a value we cannot read as UIDs: it might be one, so it goes.
+        return None;
+    }
+    let uids: Vec<String> = match e.value() {
+        Value::Primitive(p) => p
+            .to_multi_str()
+            .iter()
+            .map(|s| s.trim_end_matches('\0').trim().to_string())
+            .collect(),
+        _ => return None,
+    };
+    let mapped: Vec<String> = uids
+        .into_iter()
+        .map(|u| {
+            if u.is_empty() || is_standard_uid(&u) {
+                u
+            } else {
+                ctx.policy.pseudonymise_uid(&u)
+            }
+        })
+        .collect();
+    Some(DataElement::new(
+        e.tag(),
+        VR::UI,
+        PrimitiveValue::Strs(mapped.into()),
+    ))
+}
+
+fn shift_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
+    let (tag, vr) = (e.tag(), e.vr());
+    match vr {
+        // Times of day identify no one once the dates have moved.
+        VR::TM => Some(e),
         VR::DA | VR::DT => {
             let values: Vec<String> = match e.value() {
                 Value::Primitive(p) => p.to_multi_str().to_vec(),
@@ -324,12 +527,43 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
             if values.iter().all(|v| v.trim().is_empty()) {
                 return Some(e);
             }
+            // A date we cannot read is removed rather than let through unshifted.
             let shifted: Option<Vec<String>> =
                 values.iter().map(|v| shift_date(v, ctx.shift)).collect();
             shifted.map(|s| DataElement::new(tag, vr, PrimitiveValue::Strs(s.into())))
         }
-        _ => Some(e),
+        _ => None,
     }
+}
+
+/// D: a value of the same VR that says nothing, keyed on the original so that equal inputs stay
+/// equal (two images verified by one observer still agree).
+fn dummy(e: &InMemElement, ctx: &Ctx) -> Option<InMemElement> {
+    let (tag, vr) = (e.tag(), e.vr());
+    let key = |len: usize| {
+        let h = ctx
+            .policy
+            .pseudonym(&format!("dummy:{:04X}{:04X}", tag.0, tag.1), &text_of(e))
+            .to_uppercase();
+        h[..len.min(h.len())].to_string()
+    };
+    let value = match vr {
+        VR::UI => return replace_uids(e, ctx),
+        VR::DA | VR::DT | VR::TM => return shift_element(e.clone(), ctx),
+        VR::PN => format!("ANON^{}", key(12)),
+        VR::AE | VR::CS | VR::SH => key(16),
+        VR::LO | VR::LT | VR::ST | VR::UT | VR::UC => format!("ANON{}", key(12)),
+        VR::IS | VR::DS => "0".to_string(),
+        VR::AS => "000D".to_string(),
+        // Sequences (Content, Graphic Annotation, Verifying Observer, ...) and binary values have
+        // no meaningful dummy, and none of them is Type 1 or 2 in the CR/DX IODs: removed.
+        _ => return None,
+    };
+    Some(DataElement::new(
+        tag,
+        vr,
+        PrimitiveValue::from(value.as_str()),
+    ))
 }
 
 fn code_item(value: &str, meaning: &str) -> InMemDicomObject {
@@ -343,6 +577,10 @@ fn code_item(value: &str, meaning: &str) -> InMemDicomObject {
         DataElement::new(tags::CODE_MEANING, VR::LO, PrimitiveValue::from(meaning)),
     ])
 }
+
+/// De-identification Method (0012,0063) is LO: 64 characters at most (dciodvfy checks).
+const METHOD_TEXT: &str = "fracture PS3.15 E.1 Basic; Rtn Pat Chars; Rtn Long Modif Dates";
+const _: () = assert!(METHOD_TEXT.len() <= 64);
 
 /// The identifiers of the original object, for the linkage table at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,9 +622,17 @@ pub fn deidentify(
         }
     }
     let patient = string_of(&obj, tags::PATIENT_ID);
+    #[allow(deprecated)]
+    let animal = [
+        tags::PATIENT_SPECIES_DESCRIPTION,
+        tags::PATIENT_SPECIES_CODE_SEQUENCE,
+    ]
+    .into_iter()
+    .any(|t| obj.element(t).is_ok());
     let ctx = Ctx {
         policy,
         shift: policy.date_shift_days(&patient),
+        animal,
     };
     let mut meta = obj.meta().clone();
     let mut cleaned = clean_object(obj.into_inner(), &ctx);
@@ -399,8 +645,10 @@ pub fn deidentify(
     cleaned.put(DataElement::new(
         tags::DEIDENTIFICATION_METHOD,
         VR::LO,
-        PrimitiveValue::from("fracture: PS3.15 E Basic Profile; Retain Patient Characteristics; Retain Longitudinal Modified Dates"),
+        PrimitiveValue::from(METHOD_TEXT),
     ));
+    // 113101 (Clean Pixel Data Option) joins these once the burned-in text rules black out
+    // pixels and tell us so (a `pixels_cleaned` flag); until then it is not claimed.
     cleaned.put(DataElement::new(
         tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE,
         VR::SQ,
@@ -424,8 +672,15 @@ pub fn deidentify(
 
     meta.media_storage_sop_instance_uid =
         policy.pseudonymise_uid(&meta.media_storage_sop_instance_uid);
-    // Our own implementation identity, not the modality's: the modality's is a device fingerprint.
+    // E.1.1 (7): the file meta describes the de-identifying application, not the modality: the
+    // modality's implementation and AE titles are a device fingerprint.
+    meta.implementation_class_uid = dicom_object::IMPLEMENTATION_CLASS_UID.to_string();
+    meta.implementation_version_name = Some("FRACTURE_DEID".to_string());
     meta.source_application_entity_title = None;
+    meta.sending_application_entity_title = None;
+    meta.receiving_application_entity_title = None;
+    meta.private_information_creator_uid = None;
+    meta.private_information = None;
     meta.update_information_group_length();
     Ok((cleaned.with_exact_meta(meta), originals))
 }
@@ -464,6 +719,176 @@ mod tests {
     }
 
     #[test]
+    fn the_table_is_sorted_unique_and_whole() {
+        for pair in TABLE.windows(2) {
+            assert!(
+                pair[0].tag < pair[1].tag,
+                "{} / {}",
+                pair[0].name,
+                pair[1].name
+            );
+        }
+        // Table E.1-1 of the current edition: 651 single-tag rows plus 4 pattern rows.
+        assert_eq!(TABLE.len(), 651);
+        assert_eq!(table::GROUP_ROWS.len(), 4);
+        assert!(TABLE.iter().all(|r| !r.name.is_empty()));
+        for row in TABLE {
+            assert_eq!(table::lookup(row.tag).map(|r| r.name), Some(row.name));
+        }
+        assert!(table::lookup(Tag(0x0008, 0x0016)).is_none());
+    }
+
+    #[test]
+    fn every_row_resolves_to_an_action_that_honours_the_table() {
+        let mut counts = std::collections::BTreeMap::new();
+        for line in profile() {
+            *counts.entry((line.basic.code(), line.action)).or_insert(0) += 1;
+            let retained = table::patient_characteristic(line.tag) == Some(Basic::K);
+            match line.action {
+                // Keeping is only for the patient characteristics the option retains.
+                Action::Keep => assert!(retained, "{} kept", line.name),
+                // Replacing a UID needs a U (or a D of a UID) in the table.
+                Action::Uid => assert!(matches!(line.basic, Basic::U), "{}", line.name),
+                _ => {}
+            }
+        }
+        // The resolution, for the record (cargo test -- --nocapture prints it).
+        for ((code, action), n) in &counts {
+            eprintln!("{code:>7} -> {action:?}: {n}");
+        }
+        assert_eq!(counts.values().sum::<usize>(), TABLE.len());
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn actions_for_the_attributes_radiographs_carry() {
+        use Action::*;
+        for (tag, vr, want) in [
+            (tags::PATIENT_NAME, VR::PN, Pseudonym),
+            (tags::PATIENT_ID, VR::LO, Pseudonym),
+            (tags::PATIENT_BIRTH_DATE, VR::DA, Empty),
+            (tags::PATIENT_BIRTH_TIME, VR::TM, Remove),
+            (tags::PATIENT_AGE, VR::AS, Keep),
+            (tags::PATIENT_SEX, VR::CS, Keep),
+            (tags::ALLERGIES, VR::LO, Remove),
+            (tags::STUDY_DATE, VR::DA, ShiftDate),
+            (tags::PERFORMED_PROCEDURE_STEP_START_DATE, VR::DA, ShiftDate),
+            (tags::STUDY_TIME, VR::TM, ShiftDate),
+            (tags::ACCESSION_NUMBER, VR::SH, Empty),
+            (tags::REFERRING_PHYSICIAN_NAME, VR::PN, Empty),
+            (tags::PERFORMING_PHYSICIAN_NAME, VR::PN, Remove),
+            (tags::INSTITUTION_NAME, VR::LO, Site),
+            (tags::STATION_NAME, VR::SH, Remove),
+            (tags::DEVICE_SERIAL_NUMBER, VR::LO, Remove),
+            (tags::ACQUISITION_CONTEXT_SEQUENCE, VR::SQ, Empty),
+            (tags::REFERENCED_STUDY_SEQUENCE, VR::SQ, Remove),
+            (tags::SOURCE_IMAGE_SEQUENCE, VR::SQ, CleanSequence),
+            (tags::REFERENCED_IMAGE_SEQUENCE, VR::SQ, CleanSequence),
+            (tags::REQUEST_ATTRIBUTES_SEQUENCE, VR::SQ, Remove),
+            (tags::SOP_INSTANCE_UID, VR::UI, Uid),
+            (tags::SOP_CLASS_UID, VR::UI, Keep),
+            (tags::CODING_SCHEME_UID, VR::UI, Keep),
+            (tags::PERSON_NAME, VR::PN, Dummy),
+            (tags::CONTENT_SEQUENCE, VR::SQ, Dummy),
+            (
+                tags::PATIENT_BIRTH_DATE_IN_ALTERNATIVE_CALENDAR,
+                VR::LO,
+                Remove,
+            ),
+            (tags::SCHEDULED_PERFORMING_PHYSICIAN_NAME, VR::PN, Remove),
+            // Not in the table: a name goes, a date moves, an unreadable UN goes.
+            (tags::VERIFYING_OBSERVER_NAME, VR::PN, Dummy),
+            (Tag(0x0018, 0x9004), VR::PN, Remove),
+            (tags::CALIBRATION_DATE, VR::DA, ShiftDate),
+            (tags::BODY_PART_EXAMINED, VR::UN, Remove),
+            (tags::BODY_PART_EXAMINED, VR::CS, Keep),
+        ] {
+            assert_eq!(action_for(tag, vr), want, "({:04X},{:04X})", tag.0, tag.1);
+        }
+    }
+
+    fn file(elements: Vec<InMemElement>) -> DefaultDicomObject {
+        InMemDicomObject::from_element_iter(elements)
+            .with_meta(
+                dicom_object::meta::FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.1")
+                    .media_storage_sop_instance_uid("1.2.3.4.5"),
+            )
+            .unwrap()
+    }
+
+    fn el(tag: Tag, vr: VR, v: &str) -> InMemElement {
+        DataElement::new(tag, vr, PrimitiveValue::from(v))
+    }
+
+    fn seq(tag: Tag, items: Vec<Vec<InMemElement>>) -> InMemElement {
+        DataElement::new(
+            tag,
+            VR::SQ,
+            DataSetSequence::new(
+                items
+                    .into_iter()
+                    .map(InMemDicomObject::from_element_iter)
+                    .collect::<Vec<_>>(),
+                Length::UNDEFINED,
+            ),
+        )
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn nested_values_animals_and_unknowns() {
+        let base = || {
+            vec![
+                el(tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4.5"),
+                el(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3.4"),
+                el(tags::PATIENT_ID, VR::LO, "P1"),
+                el(tags::RESPONSIBLE_PERSON, VR::PN, "Owner^Olga"),
+                el(Tag(0x0018, 0x0015), VR::UN, "ANKLE"),
+                seq(
+                    tags::ANATOMIC_REGION_SEQUENCE,
+                    vec![vec![
+                        el(tags::CODE_VALUE, VR::SH, "T-15750"),
+                        el(tags::PERSON_NAME, VR::PN, "Nested^Nell"),
+                        el(tags::OPERATORS_NAME, VR::PN, "Nested^Ned"),
+                        el(Tag(0x0011, 0x1001), VR::LO, "private"),
+                        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, "1.2.3.9"),
+                    ]],
+                ),
+            ]
+        };
+        let p = policy(4);
+        let (human, _) = deidentify(file(base()), &p).unwrap();
+        assert!(human.element(tags::RESPONSIBLE_PERSON).is_err());
+        assert!(human.element(Tag(0x0018, 0x0015)).is_err());
+        let item = &human
+            .element(tags::ANATOMIC_REGION_SEQUENCE)
+            .unwrap()
+            .items()
+            .unwrap()[0];
+        assert_eq!(string_of(item, tags::CODE_VALUE), "T-15750");
+        let dummy = string_of(item, tags::PERSON_NAME);
+        assert!(
+            dummy.starts_with("ANON^") && !dummy.contains("Nell"),
+            "{dummy}"
+        );
+        assert!(item.element(tags::OPERATORS_NAME).is_err());
+        assert!(item.element(Tag(0x0011, 0x1001)).is_err());
+        assert_eq!(
+            string_of(item, tags::REFERENCED_SOP_INSTANCE_UID),
+            p.pseudonymise_uid("1.2.3.9")
+        );
+
+        let mut animal = base();
+        animal.push(el(tags::PATIENT_SPECIES_DESCRIPTION, VR::LO, "Feline"));
+        let (animal, _) = deidentify(file(animal), &p).unwrap();
+        // Type 2C for animals: kept, empty.
+        assert_eq!(string_of(&animal, tags::RESPONSIBLE_PERSON), "");
+        assert!(animal.element(tags::RESPONSIBLE_PERSON).is_ok());
+    }
+
+    #[test]
     fn dates_shift_and_keep_intervals() {
         assert_eq!(shift_date("20200301", -1).as_deref(), Some("20200229"));
         assert_eq!(shift_date("20210101", -366).as_deref(), Some("20200101"));
@@ -472,6 +897,15 @@ mod tests {
             Some("20200229120000.5")
         );
         assert_eq!(shift_date("garbage", -1), None);
+        assert_eq!(
+            shift_date("20200301120000.5+0100", -1).as_deref(),
+            Some("20200229120000.5+0100")
+        );
+        assert_eq!(shift_date("2020030112", -1).as_deref(), Some("2020022912"));
+        // A range or trailing text could hide a second date: refused, so the caller removes it.
+        assert_eq!(shift_date("20200101-20200201", -1), None);
+        assert_eq!(shift_date("20200101 born 19470315", -1), None);
+        assert_eq!(shift_date("2020010112345", -1), None);
         let p = policy(3);
         let s = p.date_shift_days("PAT-1");
         assert!((-3650..=-1).contains(&s));
