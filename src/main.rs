@@ -43,6 +43,10 @@ enum Command {
         /// Ensemble manifest (overrides model.manifest).
         #[arg(long, value_name = "FILE")]
         model: Option<PathBuf>,
+        /// Reference reads keyed by original SOP Instance UID (sop_instance_uid,region,fracture,x0,y0,x1,y1):
+        /// pseudonymised into DIR/labels.csv, stored by the audit sink, and evaluated into DIR/metrics.json.
+        #[arg(long, value_name = "FILE")]
+        labels: Option<PathBuf>,
     },
     /// Run one stage as its own process on Kafka.
     Serve {
@@ -76,6 +80,21 @@ enum Command {
     /// Inspect the DRN family.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Feed reference reads (ground truth) to the audit sink.
+    #[command(subcommand)]
+    Labels(LabelsCommand),
+}
+
+#[derive(Subcommand)]
+enum LabelsCommand {
+    /// Pseudonymise a labels CSV (keyed by original SOP Instance UIDs) with the ingest key and publish it on fracture.labels.
+    Import {
+        /// sop_instance_uid,region,fracture,x0,y0,x1,y1 (one row per box).
+        file: PathBuf,
+        /// Where to write the pseudonymised copy (default: FILE with .pseudonymised.csv).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,13 +164,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             key_file,
             model,
+            labels,
         } => runtime.block_on(scan::run(
             &settings,
             &paths,
             &out,
             key_file.as_deref(),
             model.as_deref(),
+            labels.as_deref(),
         )),
+        Command::Labels(LabelsCommand::Import { file, out }) => {
+            runtime.block_on(serve::import_labels(&settings, &file, out.as_deref()))
+        }
         Command::Serve {
             stage,
             paths,

@@ -18,6 +18,7 @@ pub fn html(
     dead: &[DeadLetterLine],
     regions: &[RegionCount],
     s: &ScanSummary,
+    evaluation: Option<&fracture_audit::evaluate::Evaluation>,
 ) -> String {
     let mut h = String::new();
     h.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fracture scan report</title><style>");
@@ -87,6 +88,26 @@ pub fn html(
             ));
         }
         h.push_str("</table><p>Source paths of these inputs are in <code>dead-letter.jsonl</code> and <code>linkage.csv</code>, which stay on this machine.</p>");
+    }
+    if let Some(e) = evaluation {
+        let o = &e.overall;
+        let pct = |m: &fracture_audit::evaluate::Metric| match (m.value, m.ci) {
+            (Some(v), Some([lo, hi])) => {
+                format!("{:.1}% ({:.1}-{:.1})", v * 100.0, lo * 100.0, hi * 100.0)
+            }
+            (Some(v), None) => format!("{:.1}%", v * 100.0),
+            _ => format!("n/a ({})", m.reason.clone().unwrap_or_default()),
+        };
+        h.push_str(&format!(
+            "<h2>Against the reference reads</h2><p>{} radiographs, {} with a fracture. AUC {}; sensitivity {}; specificity {}; PPV {}; NPV {}. Per region and with confidence intervals: <a href=\"evaluation.html\">evaluation.html</a>, <code>metrics.json</code>.</p>",
+            o.n,
+            o.positives,
+            o.auc.value.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into()),
+            esc(&pct(&o.sensitivity)),
+            esc(&pct(&o.specificity)),
+            esc(&pct(&o.ppv)),
+            esc(&pct(&o.npv)),
+        ));
     }
     h.push_str("<h2>Model card</h2><pre>");
     h.push_str(&esc(&m.model_card));

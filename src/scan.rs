@@ -112,6 +112,7 @@ pub async fn run(
     out: &Path,
     key_file: Option<&Path>,
     model: Option<&Path>,
+    labels: Option<&Path>,
 ) -> anyhow::Result<()> {
     let mut tcfg: fracture_shared::telemetry::TelemetryConfig = settings.section("telemetry")?;
     if tcfg.log == fracture_shared::telemetry::TelemetryConfig::default().log {
@@ -148,6 +149,7 @@ pub async fn run(
         ("ensemble", topics.name("preprocessed")),
         ("postprocess", topics.name("scored")),
         ("audit", findings_t.clone()),
+        ("audit", topics.name("labels")),
     ] {
         bus.register_group(&format!("{}.{stage}", topics.prefix), &topic)?;
     }
@@ -237,6 +239,15 @@ pub async fn run(
         linkage,
     };
     let mut producer = bus.producer("scan-ingest").await?;
+    // Reference reads, keyed by original UIDs, become labels keyed like the findings.
+    if let Some(file) = labels {
+        let reads =
+            fracture_audit::evaluate::pseudonymise_labels(file, &out.join("labels.csv"), |uid| {
+                ingest.policy.pseudonymise_uid(uid)
+            })?;
+        let records: Vec<_> = reads.iter().map(|r| label_record(&topics, r)).collect();
+        producer.send(records).await?;
+    }
     let ingest_bar = bar.clone();
     let mut ingested = 0u64;
     let ingest_task = async {
@@ -314,7 +325,10 @@ pub async fn run(
     dead_file.flush()?;
     // The audit sink must hold every finding before the report reads it.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while bus.lag(&format!("{}.audit", topics.prefix), &findings_t) > 0 {
+    let audit_group = format!("{}.audit", topics.prefix);
+    while bus.lag(&audit_group, &findings_t) > 0
+        || bus.lag(&audit_group, &topics.name("labels")) > 0
+    {
         if Instant::now() > deadline {
             bail!("the audit sink did not catch up within 60 s");
         }
@@ -334,9 +348,32 @@ pub async fn run(
     };
     let regions = db.by_region().await?;
     db.close().await;
+    let evaluation = match labels {
+        Some(_) => {
+            let e = fracture_audit::evaluate::evaluate(
+                &out.join("findings.jsonl"),
+                &out.join("labels.csv"),
+                &fracture_audit::evaluate::EvalOptions::default(),
+            )?;
+            std::fs::write(out.join("metrics.json"), serde_json::to_vec_pretty(&e)?)?;
+            std::fs::write(
+                out.join("evaluation.html"),
+                fracture_audit::evaluate::to_html(&e),
+            )?;
+            Some(e)
+        }
+        None => None,
+    };
     std::fs::write(
         out.join("report.html"),
-        report::html(&manifest, &findings, &dead, &regions, &summary),
+        report::html(
+            &manifest,
+            &findings,
+            &dead,
+            &regions,
+            &summary,
+            evaluation.as_ref(),
+        ),
     )?;
     let rate = summary.findings as f64 / summary.seconds.max(1e-9);
     println!(
@@ -356,4 +393,24 @@ pub async fn run(
     }
     println!("results in {}", out.display());
     Ok(())
+}
+
+/// A reference read as a message on `fracture.labels`.
+pub fn label_record(
+    topics: &Topics,
+    r: &fracture_audit::evaluate::ReferenceRead,
+) -> fracture_shared::bus::OutRecord {
+    let label = fracture_shared::messages::Label {
+        schema: fracture_shared::messages::schema::LABEL.into(),
+        sop_instance_uid: r.sop_instance_uid.clone(),
+        fracture: r.fracture,
+        region: r.region.clone(),
+        boxes: vec![],
+    };
+    fracture_shared::bus::OutRecord {
+        topic: topics.name("labels"),
+        key: r.sop_instance_uid.clone(),
+        payload: fracture_shared::messages::encode(&label),
+        headers: vec![],
+    }
 }

@@ -186,3 +186,58 @@ async fn serve_ingest(
     producer.close().await?;
     Ok(())
 }
+
+/// `fracture labels import`: pseudonymises the reference reads with the ingest key (so they meet
+/// the findings) and publishes them on `fracture.labels` in one transaction.
+pub async fn import_labels(
+    settings: &Settings,
+    file: &Path,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    use fracture_ingest::{DeidPolicy, IngestConfig};
+    telemetry::init(&settings.section::<TelemetryConfig>("telemetry")?);
+    let cfg: IngestConfig = settings.section("ingest")?;
+    if cfg.key_file.is_empty() {
+        anyhow::bail!(
+            "ingest.key_file is not set: labels must be pseudonymised with the same key as ingest"
+        );
+    }
+    let policy = DeidPolicy::new(
+        fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?,
+        &cfg.site_code,
+        &cfg.uid_root,
+    )?;
+    let out = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| file.with_extension("pseudonymised.csv"));
+    let reads =
+        fracture_audit::evaluate::pseudonymise_labels(file, &out, |u| policy.pseudonymise_uid(u))?;
+    let kafka: KafkaConfig = settings.section("kafka")?;
+    let topics = Topics::new(&kafka.topic_prefix);
+    let bus = KafkaBus::new(kafka);
+    bus.create_topics(
+        &[topics.name("labels")],
+        settings.section::<KafkaConfig>("kafka")?.partitions,
+    )
+    .await?;
+    let mut producer = bus
+        .producer(&format!(
+            "{}.labels-import.{}",
+            topics.prefix,
+            std::process::id()
+        ))
+        .await?;
+    let records: Vec<_> = reads
+        .iter()
+        .map(|r| crate::scan::label_record(&topics, r))
+        .collect();
+    producer.send(records).await?;
+    producer.close().await?;
+    println!(
+        "published {} reference reads on {}; pseudonymised copy: {}",
+        reads.len(),
+        topics.name("labels"),
+        out.display()
+    );
+    Ok(())
+}

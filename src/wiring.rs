@@ -21,10 +21,27 @@ pub fn manifest(
     let cfg: ModelConfig = settings.section("model")?;
     let path = over
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| cfg.manifest.clone().into());
+        .unwrap_or_else(|| default_manifest(&cfg.manifest));
     let m = fracture_models::manifest::load(&path)
         .with_context(|| format!("loading the ensemble manifest {}", path.display()))?;
     Ok((cfg, m))
+}
+
+/// The configured manifest; the built-in default (a relative path) is also looked for beside
+/// the sources this binary was built from and where packages install it, so `fracture scan`
+/// works from any folder.
+fn default_manifest(configured: &str) -> std::path::PathBuf {
+    let p = std::path::PathBuf::from(configured);
+    if p.exists() || configured != ModelConfig::default().manifest {
+        return p;
+    }
+    [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(configured),
+        Path::new("/usr/share/fracture").join(configured),
+    ]
+    .into_iter()
+    .find(|c| c.exists())
+    .unwrap_or(p)
 }
 
 pub fn ensemble(settings: &Settings, over: Option<&Path>) -> anyhow::Result<Arc<Ensemble>> {

@@ -335,14 +335,22 @@ impl StageEnv {
         batch: BatchConfig,
         handler: &dyn Handler,
     ) -> Result<(), StageFailed> {
+        self.consume_many(stage, vec![input], batch, handler).await
+    }
+
+    /// Like [`StageEnv::consume`], on several input topics at once (one group, one transaction).
+    pub async fn consume_many(
+        &self,
+        stage: &'static str,
+        inputs: Vec<String>,
+        batch: BatchConfig,
+        handler: &dyn Handler,
+    ) -> Result<(), StageFailed> {
         let group = format!("{}.{}", self.topics.prefix, stage);
         let instance = format!("{group}.{}", self.instance);
+        let input = inputs.join(",");
         let mut io = loop {
-            match self
-                .bus
-                .consumer(&group, std::slice::from_ref(&input), &instance)
-                .await
-            {
+            match self.bus.consumer(&group, &inputs, &instance).await {
                 Ok(io) => break io,
                 Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
                     tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");

@@ -15,14 +15,18 @@ use crate::messages::BlobRef;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// A local folder (created if missing). S3-compatible URLs need the `s3` build feature.
+    /// A local folder (created if missing), or `s3://bucket[/prefix]` in a build with the `s3`
+    /// feature (credentials and region from the usual `AWS_*` environment variables).
     pub url: String,
+    /// Endpoint of an S3-compatible service (MinIO, Ceph, ...); empty for AWS itself.
+    pub endpoint: String,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: "./fracture-store".into(),
+            endpoint: String::new(),
         }
     }
 }

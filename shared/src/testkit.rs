@@ -63,3 +63,40 @@ pub fn unique_prefix(name: &str) -> String {
         rand::rng().random::<u32>()
     )
 }
+
+static POSTGRES: OnceLock<Result<String, String>> = OnceLock::new();
+
+/// A PostgreSQL URL for tests, from `FRACTURE_TEST_POSTGRES` or a server started once per test
+/// process by `scripts/postgres.sh` (stopped when the process ends). Panics with what to do.
+pub fn postgres_url() -> String {
+    POSTGRES
+        .get_or_init(|| {
+            if let Ok(u) = std::env::var("FRACTURE_TEST_POSTGRES") {
+                if !u.trim().is_empty() {
+                    return Ok(u);
+                }
+            }
+            let dir = std::env::temp_dir().join(format!("fracture-pg-{}", std::process::id()));
+            let script = repo_root().join("scripts/postgres.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("start")
+                .arg(&dir)
+                .arg("--watch-pid")
+                .arg(std::process::id().to_string())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!("{} start failed: {}", script.display(), String::from_utf8_lossy(&out.stderr)));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            stdout
+                .lines()
+                .last()
+                .map(|l| l.trim().to_string())
+                .filter(|l| l.starts_with("postgres://"))
+                .ok_or_else(|| format!("postgres.sh printed no URL: {stdout}"))
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("no PostgreSQL for this test: {e}\nSet FRACTURE_TEST_POSTGRES=postgres://... or make scripts/postgres.sh work."))
+}

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use input::{pseudonymise_labels, ReferenceRead};
 pub use report::{to_html, to_markdown};
 pub use stats::{auc, wilson, Z95};
 

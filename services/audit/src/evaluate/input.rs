@@ -430,3 +430,98 @@ mod tests {
         assert_eq!(parse_bool(""), None);
     }
 }
+
+/// One radiograph's reference read, as the sink stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceRead {
+    pub sop_instance_uid: String,
+    pub region: Option<String>,
+    pub fracture: bool,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Rewrites a labels CSV with its `sop_instance_uid` column mapped by `pseudonymise` (the
+/// hospital's file is keyed by original UIDs; ours must be keyed like the findings), keeping
+/// every other column, and returns one reference read per radiograph (validated like
+/// [`read_labels`] validates them).
+pub fn pseudonymise_labels(
+    input: &Path,
+    output: &Path,
+    pseudonymise: impl Fn(&str) -> String,
+) -> Result<Vec<ReferenceRead>, EvalError> {
+    let text = std::fs::read_to_string(input).map_err(|e| io_error(input, e))?;
+    let records = parse_csv(&text).map_err(|(line, msg)| parse_error(input, line, msg))?;
+    let Some((header_line, header)) = records.first() else {
+        return Err(EvalError::File {
+            path: input.to_path_buf(),
+            message:
+                "is empty; expected a header line sop_instance_uid,region,fracture,x0,y0,x1,y1"
+                    .into(),
+        });
+    };
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(name))
+    };
+    let c_uid = col("sop_instance_uid").ok_or_else(|| {
+        parse_error(
+            input,
+            *header_line,
+            "the header has no sop_instance_uid column",
+        )
+    })?;
+    let mut out = String::new();
+    out.push_str(
+        &header
+            .iter()
+            .map(|f| csv_field(f))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    out.push('\n');
+    for (_, fields) in records.iter().skip(1) {
+        let row: Vec<String> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                if i == c_uid && !f.trim().is_empty() {
+                    pseudonymise(f.trim())
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
+        out.push_str(
+            &row.iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push('\n');
+    }
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(output, e))?;
+    }
+    std::fs::write(output, out).map_err(|e| io_error(output, e))?;
+    // Validate and gather what was written with the same reader `evaluate` uses.
+    let labels = read_labels(output)?;
+    let mut reads: Vec<ReferenceRead> = labels
+        .by_uid
+        .into_iter()
+        .map(|(uid, l)| ReferenceRead {
+            sop_instance_uid: uid,
+            region: Some(l.region).filter(|r| !r.is_empty() && r != "unknown"),
+            fracture: l.fracture,
+        })
+        .collect();
+    reads.sort_by(|a, b| a.sop_instance_uid.cmp(&b.sop_instance_uid));
+    Ok(reads)
+}
