@@ -12,6 +12,7 @@ export FRACTURE_FIXTURES
 # gdcmanon, dciodvfy, dcmtk and pydicom; scikit-learn and statsmodels.
 bash scripts/deid-peers.sh >/dev/null
 bash scripts/pyenv.sh >/dev/null
+bash scripts/chromium.sh >/dev/null
 
 broker_dir=""
 if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then

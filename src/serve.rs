@@ -122,6 +122,10 @@ async fn run_stage(
         Stage::Audit => {
             let cfg: fracture_audit::AuditConfig = settings.section("audit")?;
             let db = fracture_audit::AuditDb::open(&cfg.database).await?;
+            if !cfg.dashboard_addr.is_empty() {
+                let addr = fracture_audit::serve_dashboard(&cfg, db.clone()).await?;
+                tracing::info!(%addr, token = !cfg.dashboard_token.is_empty(), "audit dashboard");
+            }
             fracture_audit::run(&env, &cfg, db.clone()).await?;
             db.close().await;
         }
