@@ -249,6 +249,22 @@ impl AuditDb {
             .map_err(DbError::from)
     }
 
+    /// The findings (one per model version) of one radiograph, with its label.
+    pub async fn cases_of(&self, sop_instance_uid: &str) -> Result<Vec<CaseRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT f.sop_instance_uid, f.site, f.region, f.model_version, f.score, f.fracture, l.fracture, f.recorded_ms, l.labelled_ms
+             FROM findings f LEFT JOIN labels l ON l.sop_instance_uid = f.sop_instance_uid
+             WHERE f.sop_instance_uid = $1",
+        )
+        .bind(sop_instance_uid.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(case_row)
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
     pub async fn distinct(&self, column: Column) -> Result<Vec<String>, DbError> {
         let q = match column {
             Column::Site => "SELECT DISTINCT site FROM findings ORDER BY site",

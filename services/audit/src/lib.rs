@@ -3,6 +3,7 @@
 
 pub mod dashboard;
 pub mod db;
+pub mod drift;
 pub mod evaluate;
 pub mod view;
 
@@ -30,6 +31,10 @@ pub struct AuditConfig {
     pub dashboard_token: String,
     /// The sensitivity floor drawn on the dashboard (the calibration target minus 5 points).
     pub sensitivity_floor: f64,
+    /// Alerts are also POSTed (JSON) here when set, e.g. `http://alerts.local/hook`.
+    pub webhook: String,
+    /// When drift is worth an alert.
+    pub drift: drift::DriftConfig,
 }
 
 impl Default for AuditConfig {
@@ -43,13 +48,147 @@ impl Default for AuditConfig {
             dashboard_addr: "127.0.0.1:9180".into(),
             dashboard_token: String::new(),
             sensitivity_floor: 0.875,
+            webhook: String::new(),
+            drift: drift::DriftConfig::default(),
         }
     }
 }
 
-/// The sink: findings and labels into the database, idempotently.
+/// The sink: findings and labels into the database, idempotently, and every labelled case
+/// through the drift monitor, whose alerts leave on `fracture.alerts` in the same transaction.
 pub struct AuditSink {
     pub db: AuditDb,
+    pub drift: std::sync::Mutex<drift::DriftMonitor>,
+    pub topics: fracture_shared::Topics,
+    pub webhook: Option<String>,
+    pub gauges: Option<Gauges>,
+}
+
+fn to_case(c: &CaseRow) -> drift::Case {
+    drift::Case {
+        sop_instance_uid: c.sop_instance_uid.clone(),
+        site: c.site.clone(),
+        region: c.region.clone(),
+        model_version: c.model_version.clone(),
+        score: c.score,
+        called_positive: c.called_positive,
+        label: c.label,
+        recorded_ms: c.recorded_ms,
+        labelled_ms: c.labelled_ms,
+    }
+}
+
+/// Prometheus gauges per region and site, refreshed after every batch.
+#[derive(Clone)]
+pub struct Gauges {
+    sensitivity: prometheus::GaugeVec,
+    lower_bound: prometheus::GaugeVec,
+    labelled: prometheus::GaugeVec,
+    label_delay: prometheus::GaugeVec,
+    open_alerts: prometheus::GaugeVec,
+}
+
+impl Gauges {
+    pub fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let g = |name: &str, help: &str| -> Result<prometheus::GaugeVec, prometheus::Error> {
+            let v =
+                prometheus::GaugeVec::new(prometheus::Opts::new(name, help), &["region", "site"])?;
+            registry.register(Box::new(v.clone()))?;
+            Ok(v)
+        };
+        Ok(Self {
+            sensitivity: g(
+                "fracture_audit_sensitivity",
+                "Sensitivity over the rolling window",
+            )?,
+            lower_bound: g(
+                "fracture_audit_sensitivity_lower_bound",
+                "95% Wilson lower bound of the window's sensitivity",
+            )?,
+            labelled: g(
+                "fracture_audit_labelled_cases",
+                "Labelled cases in the rolling window",
+            )?,
+            label_delay: g(
+                "fracture_audit_label_delay_ratio",
+                "Share of findings overdue for a label",
+            )?,
+            open_alerts: g(
+                "fracture_audit_open_alerts",
+                "Drift alerts open for the key",
+            )?,
+        })
+    }
+
+    fn update(&self, stats: &[drift::KeyStats]) {
+        for k in stats.iter().filter(|k| k.model_version.is_none()) {
+            let labels = [k.region.as_str(), k.site.as_deref().unwrap_or("all")];
+            if let Some(v) = k.sensitivity.value {
+                self.sensitivity.with_label_values(&labels).set(v);
+            }
+            if let Some([lo, _]) = k.sensitivity.ci {
+                self.lower_bound.with_label_values(&labels).set(lo);
+            }
+            self.labelled
+                .with_label_values(&labels)
+                .set(k.labelled as f64);
+            if let Some(d) = k.label_delay {
+                self.label_delay.with_label_values(&labels).set(d);
+            }
+            self.open_alerts
+                .with_label_values(&labels)
+                .set(k.open_kinds.len() as f64);
+        }
+    }
+}
+
+impl AuditSink {
+    pub fn new(db: AuditDb, cfg: &AuditConfig, topics: fracture_shared::Topics) -> Self {
+        Self {
+            db,
+            drift: std::sync::Mutex::new(drift::DriftMonitor::new(cfg.drift.clone())),
+            topics,
+            webhook: Some(cfg.webhook.trim().to_string()).filter(|w| !w.is_empty()),
+            gauges: None,
+        }
+    }
+
+    /// Replays what the database holds through the drift monitor (after a restart), without
+    /// re-sending alerts that were already sent.
+    pub async fn warm_up(&self) -> Result<usize, DbError> {
+        let cases = self.db.cases(None, None).await?;
+        let mut m = self.drift.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &cases {
+            let _ = m.observe(&to_case(c));
+        }
+        Ok(cases.len())
+    }
+
+    /// Runs the monitor over what this batch changed; returns the alerts it opened.
+    async fn watch(
+        &self,
+        findings: &[Finding],
+        labels: &[Label],
+    ) -> Result<Vec<drift::DriftAlert>, DbError> {
+        let mut touched: Vec<CaseRow> = Vec::new();
+        for sop in findings
+            .iter()
+            .map(|f| &f.id.sop_instance_uid)
+            .chain(labels.iter().map(|l| &l.sop_instance_uid))
+        {
+            touched.extend(self.db.cases_of(sop).await?);
+        }
+        let mut m = self.drift.lock().unwrap_or_else(|p| p.into_inner());
+        let mut alerts = Vec::new();
+        for c in &touched {
+            alerts.extend(m.observe(&to_case(c)));
+        }
+        alerts.extend(m.check_label_delay(db::now_ms()));
+        if let Some(g) = &self.gauges {
+            g.update(&m.snapshot());
+        }
+        Ok(alerts)
+    }
 }
 
 enum Item {
@@ -88,16 +227,65 @@ impl Handler for AuditSink {
                 _ => None,
             })
             .collect();
-        let mut write = self.db.record(&findings).await;
+        let mut write: Result<(), DbError> = self.db.record(&findings).await;
         if write.is_ok() {
             write = self.db.record_labels(&labels).await;
         }
+        let mut alerts = Vec::new();
+        if write.is_ok() {
+            match self.watch(&findings, &labels).await {
+                Ok(a) => alerts = a,
+                Err(e) => write = Err(e),
+            }
+        }
         let write = write.map_err(|e| StageError::external(e.to_string()));
+        // The batch's alerts ride with its first good record, so they commit with the batch.
+        let mut outputs: Vec<Output> = Vec::new();
+        for a in &alerts {
+            let scope = format!(
+                "{}|{}|{}",
+                a.region,
+                a.site.as_deref().unwrap_or(""),
+                a.model_version.as_deref().unwrap_or("")
+            );
+            let kind = serde_json::to_value(a.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            tracing::warn!(kind = %kind, region = %a.region, site = a.site.as_deref().unwrap_or(""), "drift alert: {}", a.message);
+            let row = AlertRow {
+                kind: kind.clone(),
+                region: a.region.clone(),
+                site: a.site.clone(),
+                model_version: a.model_version.clone(),
+                message: a.message.clone(),
+                opened_ms: db::now_ms(),
+            };
+            if let Err(e) = self.db.record_alert(&scope, &row).await {
+                tracing::error!(error = %e, "cannot store an alert");
+            }
+            let msg = fracture_shared::messages::Alert {
+                schema: fracture_shared::messages::schema::ALERT.into(),
+                kind,
+                region: a.region.clone(),
+                site: a.site.clone(),
+                model_version: a.model_version.clone(),
+                message: a.message.clone(),
+            };
+            if let Some(url) = &self.webhook {
+                let body = serde_json::to_vec(&msg).unwrap_or_default();
+                if let Err(e) = fracture_shared::otlp::post_json(url, &body).await {
+                    tracing::warn!(error = %e, "alert webhook");
+                }
+            }
+            outputs.push(Output::message(&self.topics, &scope, &msg));
+        }
+        let mut outputs = Some(outputs);
         decoded
             .into_iter()
             .map(|d| match d {
                 Err(e) => Err(e),
-                Ok(_) => write.clone().map(|()| Vec::new()),
+                Ok(_) => write.clone().map(|()| outputs.take().unwrap_or_default()),
             })
             .collect()
     }
@@ -105,7 +293,12 @@ impl Handler for AuditSink {
 
 /// Runs the sink until shutdown: findings and labels (a late label joins its finding).
 pub async fn run(env: &StageEnv, cfg: &AuditConfig, db: AuditDb) -> Result<(), StageFailed> {
-    let sink = AuditSink { db };
+    let mut sink = AuditSink::new(db, cfg, env.topics.clone());
+    sink.gauges = Gauges::register(&env.metrics.registry).ok();
+    match sink.warm_up().await {
+        Ok(n) => tracing::info!(cases = n, "drift monitor warmed up from the database"),
+        Err(e) => tracing::error!(error = %e, "drift monitor starts empty"),
+    }
     env.consume_many(
         STAGE,
         vec![env.topics.of::<Finding>(), env.topics.of::<Label>()],
