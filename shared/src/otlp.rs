@@ -137,6 +137,18 @@ pub fn encode(service: &str, spans: &[SpanRecord]) -> Vec<u8> {
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
+/// POSTs a JSON body to `url` (`http://host:port/path`), e.g. an alert webhook; 5 s timeout.
+pub async fn post_json(url: &str, body: &[u8]) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must start with http://"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    post_to(host, &path, body).await
+}
+
 /// A plain HTTP/1.1 POST (collectors on a cluster network or loopback speak cleartext OTLP).
 async fn post(endpoint: &str, body: &[u8]) -> Result<(), String> {
     let rest = endpoint
@@ -147,6 +159,10 @@ async fn post(endpoint: &str, body: &[u8]) -> Result<(), String> {
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, String::new()));
     let path = format!("{}/v1/traces", base.trim_end_matches('/'));
+    post_to(host, &path, body).await
+}
+
+async fn post_to(host: &str, path: &str, body: &[u8]) -> Result<(), String> {
     let io = async {
         let mut s = tokio::net::TcpStream::connect(host)
             .await
@@ -166,7 +182,11 @@ async fn post(endpoint: &str, body: &[u8]) -> Result<(), String> {
             .next()
             .unwrap_or_default()
             .to_string();
-        if status.contains(" 200") || status.contains(" 202") {
+        if status
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|c| c.starts_with('2'))
+        {
             Ok(())
         } else {
             Err(format!("collector answered {status:?}"))
