@@ -310,6 +310,59 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         );
     }
 
+    // Reference reads keyed by the hospital's original UIDs, published by `fracture labels
+    // import` with the ingest key, meet their findings in the audit sink.
+    let original_uid = |p: &Path| {
+        let o = dicom_object::open_file(p).unwrap();
+        o.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    let reads = kdir.join("reads.csv");
+    std::fs::write(
+        &reads,
+        format!(
+            "sop_instance_uid,region,fracture,x0,y0,x1,y1\n{},,1,10,10,40,40\n{},,0,,,,\n",
+            original_uid(&inputs.dir.join("rg3.dcm")),
+            original_uid(&inputs.dir.join("sub/cat.dcm"))
+        ),
+    )
+    .unwrap();
+    let st = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("labels")
+        .arg("import")
+        .arg(&reads)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "labels import: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let db =
+        fracture_audit::AuditDb::open(&format!("sqlite://{}", kdir.join("audit.db").display()))
+            .await
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let cases = db.cases(None, None).await.unwrap();
+        if cases.iter().filter(|c| c.label.is_some()).count() == cases.len() && !cases.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "labels never met their findings: {cases:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    db.close().await;
+
     let failures = stages.stop();
     assert!(
         failures.is_empty(),
