@@ -368,7 +368,10 @@ fn seed_sweep() {
         pct(1.0)
     );
     assert!(ok >= 194, "acceptance held for only {ok}/{n} seeds");
-    assert!(false_alarm_runs <= 6, "{false_alarm_runs}/{n} drift-free streams raised an alert");
+    assert!(
+        false_alarm_runs <= 6,
+        "{false_alarm_runs}/{n} drift-free streams raised an alert"
+    );
 }
 
 fn psi_stream(shift: f64, seed: u64) -> (DriftMonitor, Vec<DriftAlert>) {
