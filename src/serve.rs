@@ -150,12 +150,32 @@ async fn serve_ingest(
     )?;
     let linkage = Linkage::open(Path::new(&cfg.linkage))
         .with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
-    let ingest = Ingest {
+    let ingest = std::sync::Arc::new(Ingest {
         policy,
         store: env.store.clone(),
         topics: env.topics.clone(),
         linkage,
-    };
+    });
+    if !cfg.scp.listen.is_empty() {
+        // The C-STORE door has its own transactional producer, so a long folder ingest never
+        // holds up a modality's answer.
+        let scp_producer = env
+            .bus
+            .producer(&format!(
+                "{}.ingest-scp.{}",
+                env.topics.prefix, env.instance
+            ))
+            .await?;
+        let (scp_cfg, ingest, shutdown) = (cfg.scp.clone(), ingest.clone(), env.shutdown.clone());
+        let producer = std::sync::Arc::new(tokio::sync::Mutex::new(scp_producer));
+        tracing::info!(listen = %scp_cfg.listen, ae_title = %scp_cfg.ae_title, "DICOM C-STORE SCP");
+        tokio::spawn(async move {
+            if let Err(e) = fracture_ingest::scp::serve(&scp_cfg, ingest, producer, shutdown).await
+            {
+                tracing::error!(error = %e, "the C-STORE SCP stopped");
+            }
+        });
+    }
     let mut inputs: Vec<PathBuf> = paths.to_vec();
     if inputs.is_empty() && !cfg.input_dir.is_empty() {
         inputs.push(PathBuf::from(&cfg.input_dir));

@@ -3,6 +3,7 @@
 
 pub mod deid;
 pub mod linkage;
+pub mod scp;
 pub mod walk;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub struct IngestConfig {
     pub input_dir: String,
     /// Files per transaction.
     pub batch: usize,
+    /// The DICOM C-STORE door (`fracture serve ingest`); an empty `listen` keeps it closed.
+    pub scp: scp::ScpConfig,
 }
 
 impl Default for IngestConfig {
@@ -53,6 +56,10 @@ impl Default for IngestConfig {
             linkage: "fracture-linkage.csv".into(),
             input_dir: String::new(),
             batch: 16,
+            scp: scp::ScpConfig {
+                listen: String::new(),
+                ..Default::default()
+            },
         }
     }
 }
