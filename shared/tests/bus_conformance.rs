@@ -210,6 +210,44 @@ async fn rewind_redelivers_uncommitted(bus: &dyn Bus, t: &Topics) {
     io.close().await.unwrap();
 }
 
+async fn a_cancelled_poll_loses_nothing(bus: &dyn Bus, t: &Topics) {
+    let input = t.name("in5");
+    bus.create_topics(&[input.clone()], 1).await.unwrap();
+    let mut p = bus.producer(&format!("{}-src5", t.prefix)).await.unwrap();
+    p.send(vec![out(&input, "k", "warm-up")]).await.unwrap();
+    let mut io = bus
+        .consumer("g-cancel", std::slice::from_ref(&input), "stage-c")
+        .await
+        .unwrap();
+    assert_eq!(poll_until(io.as_mut(), 1, 1).await.len(), 1);
+    io.commit(vec![]).await.unwrap();
+    p.send((0..6).map(|i| out(&input, "k", &i.to_string())).collect())
+        .await
+        .unwrap();
+    p.close().await.unwrap();
+    // Records arrive, then the poll lingers for more and is dropped mid-way (a select! elsewhere).
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(1500),
+        io.poll_batch(100, Duration::from_secs(5), Duration::from_secs(10)),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the poll should still be lingering when dropped"
+    );
+    let got = poll_until(io.as_mut(), 6, 100).await;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        ["0", "1", "2", "3", "4", "5"],
+        "nothing lost, nothing twice"
+    );
+    io.close().await.unwrap();
+}
+
 /// Fails records whose payload says "bad", passes the others through.
 struct Picky {
     output: String,
@@ -305,6 +343,7 @@ async fn suite(bus: Arc<dyn Bus>, name: &str) {
     order_per_key_and_nothing_lost(bus.as_ref(), &t).await;
     no_duplicates_across_a_consumer_restart(bus.as_ref(), &t).await;
     rewind_redelivers_uncommitted(bus.as_ref(), &t).await;
+    a_cancelled_poll_loses_nothing(bus.as_ref(), &t).await;
     dead_letters_land_with_their_reason(bus.clone(), &t).await;
 }
 

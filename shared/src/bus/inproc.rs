@@ -180,12 +180,13 @@ struct InProcConsumer {
 }
 
 impl InProcConsumer {
-    fn take(&mut self, max: usize, out: &mut Vec<Record>) {
+    /// Appends records after `position` to `out`, advancing the given positions (not ours: a
+    /// poll that is cancelled half-way must not lose what it had taken).
+    fn take(&self, position: &mut HashMap<String, i64>, max: usize, out: &mut Vec<Record>) {
         let s = self.bus.lock();
         for t in &self.topics {
             let Some(log) = s.topics.get(t) else { continue };
-            let pos = self
-                .position
+            let pos = position
                 .get_mut(t)
                 .expect("every subscribed topic has a position");
             while out.len() < max && *pos < log.end() {
@@ -208,18 +209,21 @@ impl StageIo for InProcConsumer {
         idle: Duration,
     ) -> Result<Vec<Record>, BusError> {
         let mut out = Vec::new();
+        let mut position = self.position.clone();
         let first_deadline = Instant::now() + idle;
         let mut deadline = first_deadline;
         loop {
             self.version.borrow_and_update();
-            self.take(max, &mut out);
-            if out.len() >= max {
+            self.take(&mut position, max, &mut out);
+            if out.len() >= max || (!out.is_empty() && Instant::now() >= deadline) {
+                self.position = position;
                 return Ok(out);
             }
             if !out.is_empty() && deadline == first_deadline {
                 deadline = Instant::now() + linger;
             }
             if Instant::now() >= deadline {
+                self.position = position;
                 return Ok(out);
             }
             // Woken by an append, or by the deadline.

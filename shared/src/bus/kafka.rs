@@ -283,6 +283,7 @@ impl Bus for KafkaBus {
             producer,
             pending: HashMap::new(),
             generation: None,
+            inflight: None,
             timeout,
         }))
     }
@@ -335,6 +336,8 @@ struct KafkaStageIo {
     pending: HashMap<(String, i32), i64>,
     /// The rebalance generation when the open batch started.
     generation: Option<u64>,
+    /// The blocking poll under way; still here at the next poll means that one was cancelled.
+    inflight: Option<tokio::task::JoinHandle<Result<(Vec<Record>, u64), BusError>>>,
     timeout: Duration,
 }
 
@@ -367,11 +370,18 @@ impl StageIo for KafkaStageIo {
         linger: Duration,
         idle: Duration,
     ) -> Result<Vec<Record>, BusError> {
+        if let Some(orphan) = self.inflight.take() {
+            // The previous poll was cancelled while librdkafka was handing it records we never
+            // returned: let it finish, then go back to the committed offsets so they come again.
+            let _ = orphan.await;
+            self.rewind().await?;
+        }
         let consumer = self.consumer.clone();
         let start_gen = *self
             .generation
             .get_or_insert(consumer.context().generation.load(Ordering::SeqCst));
-        let (batch, generation) = blocking(move || {
+        type Polled = Result<(Vec<Record>, u64), BusError>;
+        let handle: tokio::task::JoinHandle<Polled> = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let mut generation = start_gen;
             let first_deadline = Instant::now() + idle;
@@ -423,8 +433,12 @@ impl StageIo for KafkaStageIo {
                 }
             }
             Ok((out, generation))
-        })
-        .await?;
+        });
+        let handle = self.inflight.insert(handle);
+        let polled = handle.await;
+        self.inflight = None;
+        let (batch, generation) =
+            polled.map_err(|e| BusError::Fatal(format!("kafka worker thread panicked: {e}")))??;
         if generation != start_gen {
             if !self.pending.is_empty() {
                 // The caller still holds records of the old assignment from an earlier poll:

@@ -128,7 +128,8 @@ pub trait Bus: Send + Sync {
 #[async_trait]
 pub trait StageIo: Send {
     /// Waits up to about `idle` for a first record, then gathers up to `max` records for at most
-    /// `linger` more. An empty batch means nothing arrived.
+    /// `linger` more. An empty batch means nothing arrived. Cancel-safe: a poll dropped half-way
+    /// loses nothing (its records come again).
     async fn poll_batch(
         &mut self,
         max: usize,
