@@ -57,6 +57,18 @@ enum Command {
         #[arg(long, env = "FRACTURE_INSTANCE")]
         instance: Option<String>,
     },
+    /// De-identify DICOM files into a folder (research exports), with the ingest profile and key.
+    Deid {
+        /// DICOM files or folders (a folder's files keep their path relative to it).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output folder; refused inputs are listed in DIR/dead-letter.jsonl.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The de-identification key (at least 32 bytes): the same key maps UIDs the same way.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
     /// Create the pipeline's Kafka topics (idempotent).
     Topics,
     /// The paper's evaluation (AUC, sensitivity, specificity, PPV, NPV with 95% CIs, per region).
@@ -187,6 +199,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve::run(&settings, stage, &paths, &instance))
         }
         Command::Topics => runtime.block_on(serve::create_topics(&settings)),
+        Command::Deid {
+            paths,
+            out,
+            key_file,
+        } => {
+            let cfg: fracture_ingest::IngestConfig = settings.section("ingest")?;
+            let key = fracture_ingest::read_key(&key_file).map_err(anyhow::Error::msg)?;
+            let policy = fracture_ingest::DeidPolicy::new(key, &cfg.site_code, &cfg.uid_root)?;
+            let started = std::time::Instant::now();
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {elapsed_precise} {pos} files ({per_sec}) {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let mut bytes = 0u64;
+            let (report, _) = fracture_ingest::export::export(&paths, &out, &policy, |n| {
+                bytes += n;
+                bar.inc(1);
+                bar.set_message(format!("{:.0} MB", bytes as f64 / 1e6));
+            })?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            println!(
+                "de-identified {} files ({:.1} MB/s, {:.1} files/s), refused {} (see {}), skipped {} not DICOM",
+                report.written,
+                report.bytes as f64 / 1e6 / secs,
+                report.written as f64 / secs,
+                report.refused,
+                out.join("dead-letter.jsonl").display(),
+                report.skipped
+            );
+            Ok(())
+        }
         Command::Evaluate {
             predictions,
             labels,

@@ -2,6 +2,7 @@
 //! onto `fracture.deidentified`. PHI stops here; the linkage table stays here.
 
 pub mod deid;
+pub mod export;
 pub mod linkage;
 pub mod scp;
 pub mod walk;
