@@ -329,6 +329,9 @@ impl Bus for KafkaBus {
     }
 }
 
+/// What one blocking poll returns: the records and the rebalance generation after them.
+type Polled = Result<(Vec<Record>, u64), BusError>;
+
 struct KafkaStageIo {
     consumer: Arc<BaseConsumer<GenerationContext>>,
     producer: Arc<ThreadedProducer<DefaultProducerContext>>,
@@ -337,7 +340,7 @@ struct KafkaStageIo {
     /// The rebalance generation when the open batch started.
     generation: Option<u64>,
     /// The blocking poll under way; still here at the next poll means that one was cancelled.
-    inflight: Option<tokio::task::JoinHandle<Result<(Vec<Record>, u64), BusError>>>,
+    inflight: Option<tokio::task::JoinHandle<Polled>>,
     timeout: Duration,
 }
 
@@ -380,7 +383,6 @@ impl StageIo for KafkaStageIo {
         let start_gen = *self
             .generation
             .get_or_insert(consumer.context().generation.load(Ordering::SeqCst));
-        type Polled = Result<(Vec<Record>, u64), BusError>;
         let handle: tokio::task::JoinHandle<Polled> = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let mut generation = start_gen;
