@@ -248,35 +248,65 @@ pub async fn run(
         let records: Vec<_> = reads.iter().map(|r| label_record(&topics, r)).collect();
         producer.send(records).await?;
     }
+    // A re-run into the same folder resumes: inputs already in the results are not sent again.
+    let findings_path = out.join("findings.jsonl");
+    let dead_path = out.join("dead-letter.jsonl");
+    let mut findings: Vec<FindingLine> = read_lines(&findings_path);
+    let mut dead: Vec<DeadLetterLine> = read_lines(&dead_path);
+    let done: std::collections::HashSet<String> = findings
+        .iter()
+        .map(|f| f.input.clone())
+        .chain(dead.iter().filter_map(|d| d.input.clone()))
+        .collect();
+    let previous = (findings.len() + dead.len()) as u64;
+    // Rewritten whole, so a line cut short by an interrupted run is dropped (and redone).
+    let mut findings_file = std::io::BufWriter::new(std::fs::File::create(&findings_path)?);
+    for f in &findings {
+        serde_json::to_writer(&mut findings_file, f)?;
+        findings_file.write_all(b"\n")?;
+    }
+    let mut dead_file = std::io::BufWriter::new(std::fs::File::create(&dead_path)?);
+    for d in &dead {
+        serde_json::to_writer(&mut dead_file, d)?;
+        dead_file.write_all(b"\n")?;
+    }
+    let mut sources: HashMap<String, String> = HashMap::new();
+
     let ingest_bar = bar.clone();
-    let mut ingested = 0u64;
+    let (mut ingested, mut ingested_bytes) = (0u64, 0u64);
+    let ingest_started = Instant::now();
     let ingest_task = async {
         let r = ingest
-            .run_paths(paths, producer.as_mut(), ingest_cfg.batch, |outcome, _| {
-                if outcome != Outcome::Skipped {
-                    ingested += 1;
-                    ingest_bar.set_message(format!("{ingested} ingested"));
-                }
-            })
+            .run_paths_resuming(
+                paths,
+                producer.as_mut(),
+                ingest_cfg.batch,
+                &done,
+                |outcome, bytes| {
+                    if matches!(outcome, Outcome::Produced | Outcome::DeadLettered) {
+                        ingested += 1;
+                        ingested_bytes += bytes;
+                        let secs = ingest_started.elapsed().as_secs_f64().max(1e-3);
+                        ingest_bar.set_message(format!(
+                            "{ingested} ingested, {:.1} files/s, {:.1} MB/s read",
+                            ingested as f64 / secs,
+                            ingested_bytes as f64 / 1e6 / secs
+                        ));
+                    }
+                },
+            )
             .await;
         (r, ingest_bar)
     };
-
-    let findings_path = out.join("findings.jsonl");
-    let dead_path = out.join("dead-letter.jsonl");
-    let mut findings_file = std::io::BufWriter::new(std::fs::File::create(&findings_path)?);
-    let mut dead_file = std::io::BufWriter::new(std::fs::File::create(&dead_path)?);
-    let mut findings: Vec<FindingLine> = Vec::new();
-    let mut dead: Vec<DeadLetterLine> = Vec::new();
-    let mut sources: HashMap<String, String> = HashMap::new();
 
     let mut total: Option<u64> = None;
     tokio::pin!(ingest_task);
     let mut ingest_done = false;
     let mut skipped = 0u64;
+    let mut resumed = 0u64;
     loop {
         if let Some(t) = total {
-            if (findings.len() + dead.len()) as u64 >= t {
+            if (findings.len() + dead.len()) as u64 >= t + previous {
                 break;
             }
         }
@@ -286,6 +316,7 @@ pub async fn run(
                 let report = r.context("ingest could not publish to the in-process bus")?;
                 total = Some(report.inputs);
                 skipped = report.skipped;
+                resumed = report.resumed;
                 bar.set_message(format!("{} ingested, {} not DICOM skipped", report.inputs, report.skipped));
             }
             batch = collector.poll_batch(256, Duration::from_millis(5), Duration::from_millis(200)) => {
@@ -340,7 +371,7 @@ pub async fn run(
     }
     bar.finish_and_clear();
     let summary = ScanSummary {
-        inputs: total.unwrap_or(0),
+        inputs: total.unwrap_or(0) + previous,
         findings: findings.len(),
         dead_letters: dead.len(),
         skipped,
@@ -375,16 +406,22 @@ pub async fn run(
             evaluation.as_ref(),
         ),
     )?;
-    let rate = summary.findings as f64 / summary.seconds.max(1e-9);
+    let rate = total.unwrap_or(0) as f64 / summary.seconds.max(1e-9);
     println!(
-        "scanned {} inputs in {:.1} s ({rate:.2} radiographs/s): {} findings ({} fracture), {} dead letters, {} files skipped as not DICOM",
-        summary.inputs,
+        "scanned {} inputs in {:.1} s ({rate:.2} inputs/s): {} findings ({} fracture), {} dead letters, {} files skipped as not DICOM",
+        total.unwrap_or(0),
         summary.seconds,
         summary.findings,
         findings.iter().filter(|f| f.fracture).count(),
         summary.dead_letters,
         summary.skipped
     );
+    if resumed > 0 {
+        println!(
+            "resumed: {resumed} inputs were already done in {} and were not scanned again",
+            out.display()
+        );
+    }
     if !manifest.trained {
         println!(
             "WARNING: model {} was never trained; its scores mean nothing.",
@@ -413,4 +450,15 @@ pub fn label_record(
         payload: fracture_shared::messages::encode(&label),
         headers: vec![],
     }
+}
+
+/// The results an earlier run left (unparseable lines, from an interrupted write, are dropped).
+fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }

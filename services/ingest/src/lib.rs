@@ -90,6 +90,8 @@ pub enum Outcome {
     Produced,
     DeadLettered,
     Skipped,
+    /// Already finished by an earlier run (a resumed back-scan).
+    Resumed,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,8 @@ pub struct IngestReport {
     pub dead_lettered: u64,
     /// Files that are plainly not DICOM (no DICM marker, not named .dcm), and DICOMDIR indexes.
     pub skipped: u64,
+    /// Inputs an earlier run already finished, not sent again.
+    pub resumed: u64,
     pub bytes: u64,
 }
 
@@ -230,10 +234,7 @@ impl Ingest {
             Input::File(p) => (p, None),
             Input::Unreadable(p, why) => (p, Some(why.clone())),
         };
-        let input = format!(
-            "in-{}",
-            self.policy.pseudonym("input", &path.display().to_string())
-        );
+        let input = self.input_id(path);
         let trace = telemetry::new_trace();
         let started = std::time::SystemTime::now();
         let headers = vec![(
@@ -306,23 +307,60 @@ impl Ingest {
 
     /// Ingests every input under `paths`, `batch` files per transaction. `progress` is called
     /// once per input with its outcome and size.
+    /// The pseudonymous reference of an input path: stable for a key, so a re-run recognises it.
+    pub fn input_id(&self, path: &Path) -> String {
+        format!(
+            "in-{}",
+            self.policy.pseudonym("input", &path.display().to_string())
+        )
+    }
+
     pub async fn run_paths(
         &self,
         paths: &[PathBuf],
         producer: &mut dyn Producer,
         batch: usize,
+        progress: impl FnMut(Outcome, u64),
+    ) -> Result<IngestReport, BusError> {
+        self.run_paths_resuming(
+            paths,
+            producer,
+            batch,
+            &std::collections::HashSet::new(),
+            progress,
+        )
+        .await
+    }
+
+    /// Like [`Ingest::run_paths`], skipping the inputs in `done` (their references, see
+    /// [`Ingest::input_id`]): a resumed back-scan sends nothing twice.
+    pub async fn run_paths_resuming(
+        &self,
+        paths: &[PathBuf],
+        producer: &mut dyn Producer,
+        batch: usize,
+        done: &std::collections::HashSet<String>,
         mut progress: impl FnMut(Outcome, u64),
     ) -> Result<IngestReport, BusError> {
         let mut report = IngestReport::default();
         let mut pending: Vec<OutRecord> = Vec::new();
         for item in walk(paths) {
-            let (outcome, record, bytes) = self.process(&item).await;
+            let finished = match &item {
+                Input::File(p) | Input::Unreadable(p, _) => done.contains(&self.input_id(p)),
+                Input::Skipped(_) => false,
+            };
+            let (outcome, record, bytes) = if finished {
+                (Outcome::Resumed, None, 0)
+            } else {
+                self.process(&item).await
+            };
             match outcome {
+                Outcome::Resumed => report.resumed += 1,
                 Outcome::Skipped => report.skipped += 1,
                 Outcome::Produced => report.produced += 1,
                 Outcome::DeadLettered => report.dead_lettered += 1,
             }
-            if outcome != Outcome::Skipped {
+            if matches!(outcome, Outcome::Produced | Outcome::DeadLettered) {
                 report.inputs += 1;
             }
             report.bytes += bytes;

@@ -1,0 +1,156 @@
+//! `fracture scan` at the edge: a re-run resumes without redoing or repeating anything, and no
+//! identifier of the input crosses the PHI boundary (logs, results, report, claim-check store).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use dicom_dictionary_std::tags;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fracture");
+
+fn scan(inputs: &Path, out: &Path) -> (String, String) {
+    let o = Command::new(BIN)
+        .env("RUST_LOG", "debug")
+        .arg("scan")
+        .arg(inputs)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_rerun_resumes_and_an_interrupted_line_is_redone() {
+    let work = tempfile::tempdir().unwrap();
+    let inputs = common::build_inputs(&work.path().join("in"));
+    let out = work.path().join("out");
+    scan(&inputs.dir, &out);
+    let first_findings = lines(&out.join("findings.jsonl")).len();
+    let first_dead = lines(&out.join("dead-letter.jsonl")).len();
+    assert_eq!(
+        (first_findings, first_dead),
+        (inputs.good.len(), inputs.bad.len())
+    );
+
+    // An interrupted run left the last finding half-written; a new radiograph arrived.
+    let text = std::fs::read_to_string(out.join("findings.jsonl")).unwrap();
+    let cut = text.trim_end().rfind('\n').map(|i| i + 1).unwrap_or(0);
+    std::fs::write(out.join("findings.jsonl"), &text[..cut + 40]).unwrap();
+    std::fs::copy(
+        common::fixtures().join("RG1_UNCR.dcm"),
+        inputs.dir.join("rg1.dcm"),
+    )
+    .unwrap();
+
+    let (stdout, _) = scan(&inputs.dir, &out);
+    let expected_resumed = inputs.good.len() - 1 + inputs.bad.len();
+    assert!(
+        stdout.contains(&format!("resumed: {expected_resumed} inputs")),
+        "{stdout}"
+    );
+    let findings = lines(&out.join("findings.jsonl"));
+    assert_eq!(
+        findings.len(),
+        first_findings + 1,
+        "the cut finding redone, the new one added, nothing twice"
+    );
+    let mut inputs_seen: Vec<&str> = findings
+        .iter()
+        .map(|f| f["input"].as_str().unwrap())
+        .collect();
+    inputs_seen.sort();
+    inputs_seen.dedup();
+    assert_eq!(inputs_seen.len(), findings.len(), "no input appears twice");
+    assert_eq!(lines(&out.join("dead-letter.jsonl")).len(), first_dead);
+}
+
+#[test]
+fn no_identifier_crosses_the_phi_boundary() {
+    let work = tempfile::tempdir().unwrap();
+    let inputs = work.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let cat = inputs.join("cat.dcm");
+    std::fs::copy(common::fixtures().join("cat.dcm"), &cat).unwrap();
+    let obj = dicom_object::open_file(&cat).unwrap();
+    let mut identifiers = Vec::new();
+    for tag in [
+        tags::PATIENT_NAME,
+        tags::PATIENT_ID,
+        tags::INSTITUTION_NAME,
+        tags::REFERRING_PHYSICIAN_NAME,
+        tags::ACCESSION_NUMBER,
+        tags::SOP_INSTANCE_UID,
+        tags::STUDY_INSTANCE_UID,
+        tags::PATIENT_BIRTH_DATE,
+    ] {
+        if let Ok(e) = obj.element(tag) {
+            let v = e
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                .trim()
+                .to_string();
+            // Name components are searched one by one: "Doe^John" may be written as "Doe" alone.
+            for part in v.split('^').filter(|p| p.len() >= 4) {
+                identifiers.push((tag, part.to_string()));
+            }
+        }
+    }
+    assert!(
+        identifiers.len() >= 5,
+        "the test subject carries identifiers"
+    );
+    let out = work.path().join("out");
+    let (stdout, stderr) = scan(&inputs, &out);
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("stdout".into(), stdout.into_bytes()),
+        ("logs".into(), stderr.into_bytes()),
+    ];
+    for name in ["findings.jsonl", "report.html"] {
+        places.push((name.into(), std::fs::read(out.join(name)).unwrap()));
+    }
+    for entry in walk(&out.join("store")) {
+        places.push((
+            format!("store {}", entry.display()),
+            std::fs::read(&entry).unwrap(),
+        ));
+    }
+    for (place, bytes) in &places {
+        let text = String::from_utf8_lossy(bytes).to_lowercase();
+        for (tag, value) in &identifiers {
+            // Report by tag, never by value: test output is a log too.
+            assert!(
+                !text.contains(&value.to_lowercase()),
+                "{tag} of the input found in {place}"
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
