@@ -43,6 +43,66 @@ fn classify(path: PathBuf) -> Input {
     }
 }
 
+fn is_dicomdir(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+}
+
+/// The files a DICOMDIR (PS3.10 media directory) references, in its record order. A DICOMDIR
+/// that cannot be read is one unreadable input; a referenced file that is missing is one too.
+pub fn dicomdir(path: &Path) -> Vec<Input> {
+    use dicom_dictionary_std::tags;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let obj = match dicom_object::open_file(path) {
+        Ok(o) => o,
+        Err(e) => {
+            return vec![Input::Unreadable(
+                path.to_path_buf(),
+                format!("this DICOMDIR cannot be read: {e}"),
+            )]
+        }
+    };
+    let Some(records) = obj
+        .element(tags::DIRECTORY_RECORD_SEQUENCE)
+        .ok()
+        .and_then(|e| e.items().map(|i| i.to_vec()))
+    else {
+        return vec![Input::Unreadable(
+            path.to_path_buf(),
+            "this DICOMDIR has no Directory Record Sequence".into(),
+        )];
+    };
+    let mut out = Vec::new();
+    for r in records {
+        let Ok(id) = r.element(tags::REFERENCED_FILE_ID) else {
+            continue;
+        };
+        let Ok(parts) = id.to_multi_str() else {
+            continue;
+        };
+        // File IDs are up to 8 components of a relative path, in the media's own case.
+        let rel: PathBuf = parts
+            .iter()
+            .map(|p| p.trim_end_matches('\0').trim())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let file = base.join(&rel);
+        out.push(if file.is_file() {
+            Input::File(file)
+        } else {
+            Input::Unreadable(
+                file,
+                "a file this DICOMDIR references is missing from the media".into(),
+            )
+        });
+    }
+    out
+}
+
 /// Every input under `paths`, files in a stable (sorted) order so a re-run sees the same order.
 pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
     paths.iter().flat_map(|root| {
@@ -51,6 +111,7 @@ pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
                 root.clone(),
                 format!("cannot open the input: {}", e.kind()),
             ))),
+            Ok(m) if m.is_file() && is_dicomdir(root) => Box::new(dicomdir(root).into_iter()),
             Ok(m) if m.is_file() => Box::new(std::iter::once(classify(root.clone()))),
             Ok(_) => Box::new(
                 walkdir::WalkDir::new(root)
