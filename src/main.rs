@@ -206,7 +206,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg: fracture_ingest::IngestConfig = settings.section("ingest")?;
             let key = fracture_ingest::read_key(&key_file).map_err(anyhow::Error::msg)?;
-            let policy = fracture_ingest::DeidPolicy::new(key, &cfg.site_code, &cfg.uid_root)?;
+            let mut policy = cfg.policy(key)?;
+            // The export lists its refusals in DIR/dead-letter.jsonl instead.
+            policy.quarantine = None;
             let started = std::time::Instant::now();
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(

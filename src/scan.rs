@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use fracture_audit::{AuditConfig, AuditDb};
 use fracture_ensemble::EnsembleConfig;
-use fracture_ingest::{DeidPolicy, Ingest, IngestConfig, Linkage, Outcome};
+use fracture_ingest::{Ingest, IngestConfig, Linkage, Outcome};
 use fracture_postprocess::PostprocessConfig;
 use fracture_preprocess::PreprocessConfig;
 use fracture_shared::bus::{Bus, InProcBus, Topics};
@@ -124,11 +124,9 @@ pub async fn run(
         .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let started = Instant::now();
     let ingest_cfg: IngestConfig = settings.section("ingest")?;
-    let policy = DeidPolicy::new(
-        key(out, key_file, &ingest_cfg.key_file)?,
-        &ingest_cfg.site_code,
-        &ingest_cfg.uid_root,
-    )?;
+    let mut policy = ingest_cfg.policy(key(out, key_file, &ingest_cfg.key_file)?)?;
+    // A scan keeps what ingest refused beside its results, at the edge.
+    policy.quarantine = Some(out.join("quarantine"));
     let store = BlobStore::open(&StoreConfig {
         url: out.join("store").display().to_string(),
         ..Default::default()

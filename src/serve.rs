@@ -138,16 +138,13 @@ async fn serve_ingest(
     env: &StageEnv,
     paths: &[PathBuf],
 ) -> anyhow::Result<()> {
-    use fracture_ingest::{DeidPolicy, Ingest, IngestConfig, Linkage};
+    use fracture_ingest::{Ingest, IngestConfig, Linkage};
     let cfg: IngestConfig = settings.section("ingest")?;
     if cfg.key_file.is_empty() {
         anyhow::bail!("ingest.key_file is not set: every ingest replica needs the deployment's de-identification key (at least 32 bytes; `head -c 32 /dev/urandom > key`)");
     }
-    let policy = DeidPolicy::new(
-        fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?,
-        &cfg.site_code,
-        &cfg.uid_root,
-    )?;
+    let policy = cfg
+        .policy(fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?)?;
     let linkage = Linkage::open(Path::new(&cfg.linkage))
         .with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
     let ingest = std::sync::Arc::new(Ingest {

@@ -154,3 +154,45 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn refused_inputs_stay_in_quarantine_at_the_edge() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    let work = tempfile::tempdir().unwrap();
+    let inputs = work.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let mut obj = dicom_object::open_file(common::fixtures().join("RG3_UNCR.dcm")).unwrap();
+    obj.put(DataElement::new(
+        tags::BURNED_IN_ANNOTATION,
+        VR::CS,
+        PrimitiveValue::from("YES"),
+    ));
+    obj.write_to_file(inputs.join("annotated.dcm")).unwrap();
+    std::fs::write(inputs.join("fake.dcm"), b"a note").unwrap();
+    let out = work.path().join("out");
+    scan(&inputs, &out);
+    let dead = lines(&out.join("dead-letter.jsonl"));
+    assert_eq!(dead.len(), 2);
+    let annotated = dead
+        .iter()
+        .find(|d| d["source"].as_str().unwrap().ends_with("annotated.dcm"))
+        .unwrap();
+    assert!(
+        annotated["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("quarantined: the image declares burned-in annotation"),
+        "{annotated}"
+    );
+    for d in &dead {
+        let kept = out
+            .join("quarantine")
+            .join(format!("{}.dcm", d["input"].as_str().unwrap()));
+        assert_eq!(
+            std::fs::read(&kept).unwrap(),
+            std::fs::read(d["source"].as_str().unwrap()).unwrap(),
+            "the refused input is kept as it came"
+        );
+    }
+    assert!(lines(&out.join("findings.jsonl")).is_empty());
+}

@@ -37,6 +37,10 @@ pub struct DeidPolicy {
     pub site_code: String,
     /// Root for generated UIDs; `2.25` renders the hash as a UUID-derived integer.
     pub uid_root: String,
+    /// Per-device burned-in text rules (see `burned_in`).
+    pub pixel_rules: Vec<crate::burned_in::PixelRule>,
+    /// Where refused inputs are kept at the edge, under pseudonymous names; `None`: not kept.
+    pub quarantine: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for DeidPolicy {
@@ -81,6 +85,8 @@ impl DeidPolicy {
             key,
             site_code: site_code.to_string(),
             uid_root: root.to_string(),
+            pixel_rules: Vec::new(),
+            quarantine: None,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The ingest stage: radiographs in from folders, de-identified, into the claim-check store and
 //! onto `fracture.deidentified`. PHI stops here; the linkage table stays here.
 
+pub mod burned_in;
 pub mod deid;
 pub mod export;
 pub mod linkage;
@@ -46,6 +47,10 @@ pub struct IngestConfig {
     pub batch: usize,
     /// The DICOM C-STORE door (`fracture serve ingest`); an empty `listen` keeps it closed.
     pub scp: scp::ScpConfig,
+    /// Folder where refused inputs stay at the edge (mode 0700); empty: not kept.
+    pub quarantine: String,
+    /// Burned-in text rules, one `[[ingest.burned_in]]` table per device model.
+    pub burned_in: Vec<burned_in::PixelRule>,
 }
 
 impl Default for IngestConfig {
@@ -61,6 +66,8 @@ impl Default for IngestConfig {
                 listen: String::new(),
                 ..Default::default()
             },
+            quarantine: "fracture-quarantine".into(),
+            burned_in: Vec::new(),
         }
     }
 }
@@ -155,8 +162,9 @@ impl Ingest {
         bytes: &[u8],
         source: &Path,
     ) -> Result<Deidentified, StageError> {
-        let obj = pixels::read_object(bytes)?;
+        let mut obj = pixels::read_object(bytes)?;
         check_radiograph(&obj)?;
+        let pixels_cleaned = burned_in::apply(&mut obj, &self.policy.pixel_rules)?;
         let region = region::classify(&[
             text(&obj, tags::BODY_PART_EXAMINED).as_deref(),
             text(&obj, tags::STUDY_DESCRIPTION).as_deref(),
@@ -174,7 +182,10 @@ impl Ingest {
             .ok()
             .and_then(|e| e.to_int::<u32>().ok())
             .unwrap_or(0);
-        let (clean, originals) = deidentify(obj, &self.policy)?;
+        let (mut clean, originals) = deidentify(obj, &self.policy)?;
+        if pixels_cleaned {
+            burned_in::mark_cleaned(&mut clean);
+        }
         let id = RadiographId {
             input: input.to_string(),
             study_instance_uid: self.policy.pseudonymise_uid(&originals.study_instance_uid),
@@ -294,6 +305,11 @@ impl Ingest {
                 )
             }
             Err(e) => {
+                if let Some(dir) = &self.policy.quarantine {
+                    if let Err(q) = quarantine(dir, &input, path) {
+                        tracing::error!(input = %input, error = %q, "cannot quarantine a refused input");
+                    }
+                }
                 tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
                 if let Err(le) = link_only(&self.linkage) {
                     tracing::error!(error = %le, "cannot write the linkage table");
@@ -377,6 +393,17 @@ impl Ingest {
     }
 }
 
+/// Keeps a refused input at the edge, named by its pseudonymous reference (paths can hold names).
+fn quarantine(dir: &Path, input: &str, path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    std::fs::copy(path, dir.join(format!("{input}.dcm"))).map(|_| ())
+}
+
 /// A source has no offsets to rewind: an aborted transaction is simply sent again.
 async fn send_with_retry(
     producer: &mut dyn Producer,
@@ -399,4 +426,16 @@ async fn send_with_retry(
 /// The message type ingest writes, for callers that name topics.
 pub fn output_topic(topics: &Topics) -> String {
     topics.name(Deidentified::TOPIC)
+}
+
+impl IngestConfig {
+    /// The de-identification policy this configuration describes, with `key`.
+    pub fn policy(&self, key: Vec<u8>) -> Result<DeidPolicy, deid::PolicyError> {
+        let mut p = DeidPolicy::new(key, &self.site_code, &self.uid_root)?;
+        p.pixel_rules = self.burned_in.clone();
+        p.quarantine = Some(self.quarantine.trim())
+            .filter(|q| !q.is_empty())
+            .map(PathBuf::from);
+        Ok(p)
+    }
 }
