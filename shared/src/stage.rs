@@ -36,6 +36,23 @@ pub trait Handler: Send + Sync {
     async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>>;
 }
 
+/// A stage that handles records one at a time (each gets its own result).
+#[async_trait]
+pub trait RecordHandler: Send + Sync {
+    async fn one(&self, record: &Record) -> Result<Vec<Output>, StageError>;
+}
+
+#[async_trait]
+impl<T: RecordHandler> Handler for T {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for r in batch {
+            out.push(self.one(r).await);
+        }
+        out
+    }
+}
+
 /// Batching of a stage's consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]

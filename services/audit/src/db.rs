@@ -29,19 +29,12 @@ pub struct RegionCount {
     pub positive: i64,
 }
 
-/// A finding joined with its label (if one has arrived), for metrics and drift.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct CaseRow {
-    pub sop_instance_uid: String,
-    pub site: String,
-    pub region: String,
-    pub model_version: String,
-    pub score: f64,
-    pub called_positive: bool,
-    pub label: Option<bool>,
-    pub recorded_ms: i64,
-    pub labelled_ms: Option<i64>,
-}
+/// A finding joined with its label (if one has arrived): the drift monitor's own case type.
+pub use crate::drift::Case as CaseRow;
+
+/// Findings joined with their labels; callers add WHERE and ORDER BY.
+const CASES: &str = "SELECT f.sop_instance_uid, f.site, f.region, f.model_version, f.score, f.fracture, l.fracture, f.recorded_ms, l.labelled_ms
+     FROM findings f LEFT JOIN labels l ON l.sop_instance_uid = f.sop_instance_uid";
 
 /// An alert as stored (open until closed).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -231,12 +224,10 @@ impl AuditDb {
         site: Option<&str>,
         model_version: Option<&str>,
     ) -> Result<Vec<CaseRow>, DbError> {
-        let rows = sqlx::query(
-            "SELECT f.sop_instance_uid, f.site, f.region, f.model_version, f.score, f.fracture, l.fracture, f.recorded_ms, l.labelled_ms
-             FROM findings f LEFT JOIN labels l ON l.sop_instance_uid = f.sop_instance_uid
-             WHERE ($1 = '' OR f.site = $2) AND ($3 = '' OR f.model_version = $4)
-             ORDER BY f.recorded_ms, f.sop_instance_uid",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{CASES} WHERE ($1 = '' OR f.site = $2) AND ($3 = '' OR f.model_version = $4)
+             ORDER BY f.recorded_ms, f.sop_instance_uid"
+        )))
         .bind(site.unwrap_or("").to_string())
         .bind(site.unwrap_or("").to_string())
         .bind(model_version.unwrap_or("").to_string())
@@ -251,11 +242,9 @@ impl AuditDb {
 
     /// The findings (one per model version) of one radiograph, with its label.
     pub async fn cases_of(&self, sop_instance_uid: &str) -> Result<Vec<CaseRow>, DbError> {
-        let rows = sqlx::query(
-            "SELECT f.sop_instance_uid, f.site, f.region, f.model_version, f.score, f.fracture, l.fracture, f.recorded_ms, l.labelled_ms
-             FROM findings f LEFT JOIN labels l ON l.sop_instance_uid = f.sop_instance_uid
-             WHERE f.sop_instance_uid = $1",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{CASES} WHERE f.sop_instance_uid = $1"
+        )))
         .bind(sop_instance_uid.to_string())
         .fetch_all(&self.pool)
         .await?;

@@ -64,20 +64,6 @@ pub struct AuditSink {
     pub gauges: Option<Gauges>,
 }
 
-fn to_case(c: &CaseRow) -> drift::Case {
-    drift::Case {
-        sop_instance_uid: c.sop_instance_uid.clone(),
-        site: c.site.clone(),
-        region: c.region.clone(),
-        model_version: c.model_version.clone(),
-        score: c.score,
-        called_positive: c.called_positive,
-        label: c.label,
-        recorded_ms: c.recorded_ms,
-        labelled_ms: c.labelled_ms,
-    }
-}
-
 /// Prometheus gauges per region and site, refreshed after every batch.
 #[derive(Clone)]
 pub struct Gauges {
@@ -159,7 +145,7 @@ impl AuditSink {
         let cases = self.db.cases(None, None).await?;
         let mut m = self.drift.lock().unwrap_or_else(|p| p.into_inner());
         for c in &cases {
-            let _ = m.observe(&to_case(c));
+            let _ = m.observe(c);
         }
         Ok(cases.len())
     }
@@ -181,7 +167,7 @@ impl AuditSink {
         let mut m = self.drift.lock().unwrap_or_else(|p| p.into_inner());
         let mut alerts = Vec::new();
         for c in &touched {
-            alerts.extend(m.observe(&to_case(c)));
+            alerts.extend(m.observe(c));
         }
         alerts.extend(m.check_label_delay(db::now_ms()));
         if let Some(g) = &self.gauges {

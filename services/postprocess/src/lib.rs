@@ -10,7 +10,9 @@ use fracture_models::Manifest;
 use fracture_shared::bus::Record;
 use fracture_shared::error::StageError;
 use fracture_shared::messages::{decode, schema, Finding, Scored};
-use fracture_shared::stage::{bytes_to_f32, BatchConfig, Handler, Output, StageEnv, StageFailed};
+use fracture_shared::stage::{
+    bytes_to_f32, BatchConfig, Output, RecordHandler, StageEnv, StageFailed,
+};
 use fracture_shared::store::BlobStore;
 use fracture_shared::Topics;
 
@@ -33,7 +35,8 @@ pub struct Postprocess {
     pub cfg: PostprocessConfig,
 }
 
-impl Postprocess {
+#[async_trait]
+impl RecordHandler for Postprocess {
     async fn one(&self, record: &Record) -> Result<Vec<Output>, StageError> {
         let msg: Scored = decode(&record.payload).map_err(StageError::data)?;
         if msg.model_version != self.manifest.model_version {
@@ -82,17 +85,6 @@ impl Postprocess {
             &finding.id.study_instance_uid.clone(),
             &finding,
         )])
-    }
-}
-
-#[async_trait]
-impl Handler for Postprocess {
-    async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
-        let mut out = Vec::with_capacity(batch.len());
-        for r in batch {
-            out.push(self.one(r).await);
-        }
-        out
     }
 }
 

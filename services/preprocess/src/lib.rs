@@ -11,7 +11,9 @@ use fracture_shared::bus::Record;
 use fracture_shared::error::StageError;
 use fracture_shared::messages::{decode, schema, Deidentified, Geometry, Preprocessed};
 use fracture_shared::pixels;
-use fracture_shared::stage::{f32_to_bytes, BatchConfig, Handler, Output, StageEnv, StageFailed};
+use fracture_shared::stage::{
+    f32_to_bytes, BatchConfig, Output, RecordHandler, StageEnv, StageFailed,
+};
 use fracture_shared::store::BlobStore;
 use fracture_shared::Topics;
 
@@ -47,7 +49,8 @@ pub fn prepare(dicom: &[u8], cfg: &TransformConfig) -> Result<(Vec<f32>, Geometr
     Ok((t.to_tensor_data(), geometry))
 }
 
-impl Preprocess {
+#[async_trait]
+impl RecordHandler for Preprocess {
     async fn one(&self, record: &Record) -> Result<Vec<Output>, StageError> {
         let msg: Deidentified = decode(&record.payload).map_err(StageError::data)?;
         let dicom = self.store.get(&msg.dicom).await?;
@@ -75,17 +78,6 @@ impl Preprocess {
             &out.id.study_instance_uid.clone(),
             &out,
         )])
-    }
-}
-
-#[async_trait]
-impl Handler for Preprocess {
-    async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
-        let mut out = Vec::with_capacity(batch.len());
-        for r in batch {
-            out.push(self.one(r).await);
-        }
-        out
     }
 }
 
