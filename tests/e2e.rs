@@ -106,6 +106,7 @@ url = "{store}"
 key_file = "{key}"
 linkage = "{linkage}"
 site_code = "E2E"
+quarantine = "{quarantine}"
 [audit]
 database = "sqlite://{db}"
 [telemetry]
@@ -118,6 +119,7 @@ manifest = "{manifest}"
         store = dir.join("store").display(),
         key = key.display(),
         linkage = dir.join("linkage.csv").display(),
+        quarantine = dir.join("quarantine").display(),
         db = dir.join("audit.db").display(),
         manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("models/untrained/ensemble.toml")
