@@ -27,16 +27,50 @@ fn ts_name(uid: &str) -> String {
     }
 }
 
-/// Decodes the first (only) frame. Errors are data errors with a reason a person can act on.
+/// Transfer syntax JPEG Extended (Process 2 & 4): 8- or 12-bit lossy DCT. The native JPEG
+/// decoder reads the 8-bit form only; a 12-bit one is refused with the reason below.
+pub const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+
+/// The stored pixel values of the first (only) frame, after the modality LUT (rescale slope and
+/// intercept), as f32 so signed and rescaled values survive; not windowed, not inverted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawValues {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major, `width * height` values.
+    pub values: Vec<f32>,
+    /// MONOCHROME1: bright = thin; [`decode`] inverts it.
+    pub monochrome1: bool,
+}
+
+/// Decodes the first (only) frame into a [`Radiograph`]: [`decode_values`], then [`normalise`].
+/// Errors are data errors with a reason a person can act on.
 pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
+    let raw = decode_values(obj)?;
+    Ok(Radiograph {
+        width: raw.width,
+        height: raw.height,
+        pixels: normalise(&raw.values, raw.monochrome1),
+    })
+}
+
+/// Decodes the first (only) frame into its values after the modality LUT, in any transfer
+/// syntax this build decodes (uncompressed, deflated, RLE, JPEG lossless and baseline, JPEG-LS,
+/// JPEG 2000). Errors are data errors with a reason a person can act on.
+pub fn decode_values(obj: &DefaultDicomObject) -> Result<RawValues, StageError> {
     if obj.element(tags::PIXEL_DATA).is_err() {
         return Err(StageError::data(
             "the object has no Pixel Data (7FE0,0010): there is no image to analyse",
         ));
     }
-    let ts_uid = obj.meta().transfer_syntax().to_string();
+    let ts_uid = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .trim()
+        .to_string();
     let supported = TransferSyntaxRegistry
-        .get(ts_uid.trim_end_matches('\0').trim())
+        .get(&ts_uid)
         .is_some_and(|ts| ts.can_decode_all());
     if !supported {
         return Err(StageError::data(format!(
@@ -46,11 +80,21 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
         )));
     }
     let decoded = obj.decode_pixel_data().map_err(|e| {
-        StageError::data(format!(
-            "pixel data in transfer syntax {} could not be decoded ({e}); if the file opens in \
-             other viewers, transcode it with `gdcmconv --raw` and send it again",
-            ts_name(&ts_uid)
-        ))
+        if ts_uid == JPEG_EXTENDED {
+            StageError::data(format!(
+                "transfer syntax {} is not supported: its 12-bit samples cannot be read by \
+                 this build's JPEG decoder (8-bit only for lossy JPEG) ({e}); transcode it \
+                 with `gdcmconv --raw in.dcm out.dcm` (or `dcmdjpeg in.dcm out.dcm`) and send \
+                 it again",
+                ts_name(&ts_uid)
+            ))
+        } else {
+            StageError::data(format!(
+                "pixel data in transfer syntax {} could not be decoded ({e}); if the file opens \
+                 in other viewers, transcode it with `gdcmconv --raw` and send it again",
+                ts_name(&ts_uid)
+            ))
+        }
     })?;
     let (width, height) = (decoded.columns() as usize, decoded.rows() as usize);
     if decoded.samples_per_pixel() != 1 {
@@ -69,10 +113,10 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
     if width == 0 || height == 0 {
         return Err(StageError::data("the image has zero rows or columns"));
     }
-    // Modality LUT (rescale slope/intercept) applied; f32 keeps signed and rescaled values.
-    let values: Vec<f32> = decoded
-        .to_vec_frame(0)
-        .map_err(|e| StageError::data(format!("pixel values could not be converted: {e}")))?;
+    let encapsulated = TransferSyntaxRegistry
+        .get(&ts_uid)
+        .is_some_and(|ts| ts.is_encapsulated_pixel_data());
+    let values = stored_values(&decoded, encapsulated)?;
     if values.len() != width * height {
         return Err(StageError::data(format!(
             "pixel data holds {} values but the header says {}x{}: the file is truncated or \
@@ -87,7 +131,7 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
         .as_str()
         .trim()
         .to_string();
-    let invert = match photometric.as_str() {
+    let monochrome1 = match photometric.as_str() {
         "MONOCHROME1" => true,
         "MONOCHROME2" => false,
         other => {
@@ -96,11 +140,68 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
             )))
         }
     };
-    Ok(Radiograph {
+    Ok(RawValues {
         width,
         height,
-        pixels: normalise(&values, invert),
+        values,
+        monochrome1,
     })
+}
+
+/// Frame 0's samples after the modality LUT (rescale slope/intercept), as f32 so signed and
+/// rescaled values survive.
+///
+/// Uncompressed samples are masked to Bits Stored (bits above High Bit may hold anything) and
+/// sign-extended when Pixel Representation is 1. Samples from a codec are clamped to the Bits
+/// Stored range instead: a lossy JPEG 2000 stream written at 16-bit precision for 10-bit pixels
+/// overshoots to 1024 or 1025 at the white end, and masking would turn those into black (0, 1).
+fn stored_values(
+    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
+    encapsulated: bool,
+) -> Result<Vec<f32>, StageError> {
+    let convert = |e: dicom_pixeldata::Error| {
+        StageError::data(format!("pixel values could not be converted: {e}"))
+    };
+    let bits = decoded.bits_stored();
+    let allocated = decoded.bits_allocated();
+    let usual = (allocated == 8 || allocated == 16)
+        && (1..=allocated).contains(&bits)
+        && decoded.high_bit() + 1 == bits;
+    if !usual {
+        // Rare layouts (1 or 32 bits, High Bit not Bits Stored - 1): dicom-pixeldata's own
+        // conversion, which applies the modality LUT too.
+        return decoded.to_vec_frame(0).map_err(convert);
+    }
+    let signed = decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed;
+    let rescale = decoded.rescale().map_err(convert)?.first().copied();
+    let (slope, intercept) = rescale.map_or((1.0, 0.0), |r| (r.slope, r.intercept));
+    let samples: Vec<u16> = if allocated == 16 {
+        decoded.frame_data_ow(0).map_err(convert)?
+    } else {
+        decoded
+            .frame_data(0)
+            .map_err(convert)?
+            .iter()
+            .map(|&b| u16::from(b))
+            .collect()
+    };
+    let mask: u32 = (1u32 << bits) - 1;
+    let stored = |w: u16| -> i32 {
+        if encapsulated && !signed {
+            let full = if allocated == 8 { w & 0xff } else { w };
+            return i32::from(full).min(mask as i32);
+        }
+        let v = u32::from(w) & mask;
+        if signed && v >> (bits - 1) & 1 == 1 {
+            v as i32 - (1i32 << bits)
+        } else {
+            v as i32
+        }
+    };
+    Ok(samples
+        .into_iter()
+        .map(|w| (f64::from(stored(w)) * slope + intercept) as f32)
+        .collect())
 }
 
 /// Scales to [0, 1] between the 0.1st and 99.9th percentiles (robust to dead and hot pixels
