@@ -33,25 +33,48 @@ fn destination(root: &Path, file: &Path, out: &Path) -> PathBuf {
     }
 }
 
-fn one(file: &Path, dest: &Path, policy: &DeidPolicy) -> Result<u64, String> {
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read the file: {}", e.kind()))?;
+/// A written copy waiting for its sync and rename.
+struct Written {
+    file: std::fs::File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    source: PathBuf,
+}
+
+fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<(u64, Written), String> {
+    let bytes = std::fs::read(input).map_err(|e| format!("cannot read the file: {}", e.kind()))?;
     if bytes.is_empty() {
         return Err("empty file (0 bytes)".into());
     }
+    let size = bytes.len() as u64;
     let obj = pixels::read_object(&bytes).map_err(|e| e.message)?;
+    // The parsed object holds everything: free the input before the output is encoded.
+    drop(bytes);
     let (clean, _) = deidentify(obj, policy).map_err(|e| e.message)?;
-    let encoded = pixels::write_object(&clean).map_err(|e| e.message)?;
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create the output folder: {}", e.kind()))?;
     }
-    // Written aside and renamed, so an interrupted export never leaves half a file.
+    // Encoded straight into the file (no second in-memory copy), aside, renamed once synced.
     let tmp = dest.with_extension("partial");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&encoded).and_then(|()| f.sync_data()))
-        .and_then(|()| std::fs::rename(&tmp, dest))
+    let f = std::fs::File::create(&tmp)
         .map_err(|e| format!("cannot write the de-identified copy: {}", e.kind()))?;
-    Ok(bytes.len() as u64)
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    clean
+        .write_all(&mut w)
+        .map_err(|e| format!("cannot write the de-identified copy: {e}"))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| format!("cannot write the de-identified copy: {}", e.error().kind()))?;
+    Ok((
+        size,
+        Written {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            source: input.to_path_buf(),
+        },
+    ))
 }
 
 /// De-identifies every DICOM file under `roots` into `out`; `progress` is called per input.
@@ -64,6 +87,26 @@ pub fn export(
     std::fs::create_dir_all(out)?;
     let mut report = ExportReport::default();
     let mut refused = Vec::new();
+    // Syncing each copy to disk waits on the device: a second thread does it (and the rename
+    // that publishes the copy), so the disk wait overlaps the next file's work.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Written>(4);
+    let syncer = std::thread::spawn(move || {
+        let mut failed = Vec::new();
+        for w in rx {
+            if let Err(e) = w
+                .file
+                .sync_data()
+                .and_then(|()| std::fs::rename(&w.tmp, &w.dest))
+            {
+                let _ = std::fs::remove_file(&w.tmp);
+                failed.push(Refused {
+                    source: w.source.display().to_string(),
+                    reason: format!("cannot write the de-identified copy: {}", e.kind()),
+                });
+            }
+        }
+        failed
+    });
     for root in roots {
         for item in walk(std::slice::from_ref(root)) {
             match item {
@@ -76,10 +119,13 @@ pub fn export(
                     });
                 }
                 Input::File(p) => match one(&p, &destination(root, &p, out), policy) {
-                    Ok(n) => {
+                    Ok((n, written)) => {
                         report.written += 1;
                         report.bytes += n;
                         progress(n);
+                        if tx.send(written).is_err() {
+                            return Err(std::io::Error::other("the writer thread stopped"));
+                        }
                     }
                     Err(reason) => {
                         report.refused += 1;
@@ -92,6 +138,13 @@ pub fn export(
             }
         }
     }
+    drop(tx);
+    let failed = syncer
+        .join()
+        .map_err(|_| std::io::Error::other("the writer thread panicked"))?;
+    report.written -= failed.len() as u64;
+    report.refused += failed.len() as u64;
+    refused.extend(failed);
     let mut f = std::fs::File::create(out.join("dead-letter.jsonl"))?;
     for r in &refused {
         serde_json::to_writer(&mut f, r)?;
