@@ -6,24 +6,8 @@ use std::time::Instant;
 use fracture_audit::evaluate::{evaluate, to_html, to_markdown, EvalOptions};
 
 const N: usize = 100_000;
-const REGIONS: [&str; 16] = [
-    "ankle",
-    "clavicle",
-    "elbow",
-    "femur",
-    "foot",
-    "forearm",
-    "hand",
-    "hip",
-    "humerus",
-    "knee",
-    "pelvis",
-    "shoulder",
-    "cervical spine",
-    "thoracolumbar spine",
-    "tibia/fibula",
-    "wrist",
-];
+/// The project's region taxonomy, so the bench exercises the names real findings carry.
+use fracture_shared::region::REGIONS;
 
 /// SplitMix64, so the data is the same on every run.
 struct Rng(u64);
