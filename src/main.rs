@@ -95,6 +95,25 @@ enum Command {
     /// Feed reference reads (ground truth) to the audit sink.
     #[command(subcommand)]
     Labels(LabelsCommand),
+    /// Write synthetic DICOM radiographs (long bones and joints, about a third fractured) and
+    /// DIR/labels.csv; the same seed gives the same bytes. Not patients: for training and tests.
+    Phantoms {
+        /// How many radiographs.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Seed: the same seed and sizes give byte-identical files.
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+        /// Output folder (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Smallest side in pixels (width and height are drawn independently).
+        #[arg(long, default_value_t = 1500)]
+        min_side: u32,
+        /// Largest side in pixels.
+        #[arg(long, default_value_t = 3000)]
+        max_side: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +274,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Html => evaluate::to_html(&e),
             };
             println!("{text}");
+            Ok(())
+        }
+        Command::Phantoms {
+            count,
+            seed,
+            out,
+            min_side,
+            max_side,
+        } => {
+            let summary = fracture_phantoms::generate(&fracture_phantoms::PhantomConfig {
+                count,
+                seed,
+                out,
+                min_side,
+                max_side,
+                ..Default::default()
+            })?;
+            println!("{summary}");
             Ok(())
         }
         Command::Model(ModelCommand::Summary {
