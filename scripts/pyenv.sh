@@ -31,6 +31,7 @@ PINNED=(
   "pandas==3.1.1"
   "patsy==1.0.3"
   "python-dateutil==4.0.0"
+  "safetensors==0.7.0"
   "threadpoolctl==3.8.0"
   "typing_extensions==4.16.0"
   "tzdata==2026.6"

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+mod conv;
+
 /// The reference's channel widths, stem to tail.
 pub const REFERENCE_CHANNELS: [usize; 8] = [16, 32, 64, 128, 256, 512, 512, 512];
 
@@ -146,57 +148,139 @@ fn bn(c: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm> {
     batch_norm(c, 1e-5, vb)
 }
 
-/// Convolution, BatchNorm, ReLU: the arch C and D stems and arch D's convolution stages.
-#[derive(Debug, Clone)]
-struct ConvBnRelu {
-    conv: Conv2d,
-    bn: BatchNorm,
+/// How the CPU fast path computes the stride-1 3x3 convolutions (nearly all the work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Conv3x3 {
+    /// im2col and one matrix product: 9 multiply-adds per output and channel pair.
+    Im2col,
+    /// Winograd F(2x2, 3x3): 4, at the cost of a few extra additions; rounding stays near
+    /// float32's own (differences around 1e-6 relative).
+    #[default]
+    Winograd,
 }
 
-impl ConvBnRelu {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, false)?.relu()
+/// A convolution and the BatchNorm after it, in one of three forms.
+#[derive(Debug, Clone)]
+enum ConvBn {
+    /// As the weights file has it: candle's convolution, then BatchNorm on its running statistics.
+    Unfolded { conv: Conv2d, bn: BatchNorm },
+    /// BatchNorm folded into the convolution's weights and bias; candle's conv2d, any device.
+    Folded(Conv2d),
+    /// Folded, the weights in the CPU fast path's layout.
+    Cpu(conv::ConvKernel),
+}
+
+impl ConvBn {
+    fn new(conv: Conv2d, bn: BatchNorm) -> Self {
+        ConvBn::Unfolded { conv, bn }
     }
+
+    /// `relu(bn(conv(x)) + residual)`, the residual and the ReLU optional.
+    fn forward(
+        &self,
+        x: &Features,
+        residual: Option<&Features>,
+        relu: bool,
+    ) -> candle_core::Result<Features> {
+        let candle = |y: Tensor| -> candle_core::Result<Features> {
+            let y = match residual {
+                Some(Features::Tensor(r)) => (y + r)?,
+                Some(Features::Nhwc(_)) => candle_core::bail!("a channels-last residual"),
+                None => y,
+            };
+            Ok(Features::Tensor(if relu { y.relu()? } else { y }))
+        };
+        match (self, x) {
+            (ConvBn::Unfolded { conv, bn }, Features::Tensor(x)) => {
+                candle(bn.forward_t(&conv.forward(x)?, false)?)
+            }
+            (ConvBn::Folded(conv), Features::Tensor(x)) => candle(conv.forward(x)?),
+            (ConvBn::Cpu(kernel), Features::Nhwc(x)) => {
+                let residual = match residual {
+                    Some(Features::Nhwc(r)) => Some(r),
+                    Some(Features::Tensor(_)) => candle_core::bail!("a channels-first residual"),
+                    None => None,
+                };
+                Ok(Features::Nhwc(kernel.forward(x, residual, relu)?))
+            }
+            _ => candle_core::bail!(
+                "a DRN layer got features in the other layout; every layer of a network must be \
+                 prepared the same way"
+            ),
+        }
+    }
+
+    fn fold(&self) -> candle_core::Result<ConvBn> {
+        Ok(match self {
+            ConvBn::Unfolded { conv, bn } => ConvBn::Folded(conv.absorb_bn(bn)?),
+            other => other.clone(),
+        })
+    }
+
+    fn to_cpu(&self, conv3x3: Conv3x3) -> candle_core::Result<ConvBn> {
+        let winograd = conv3x3 == Conv3x3::Winograd;
+        Ok(match self.fold()? {
+            ConvBn::Folded(conv) => ConvBn::Cpu(conv::ConvKernel::new(&conv, winograd)?),
+            other => other,
+        })
+    }
+}
+
+/// Feature maps between layers: candle's `[N, C, H, W]` tensors, or the CPU fast path's
+/// channels-last buffers.
+enum Features {
+    Tensor(Tensor),
+    Nhwc(conv::Nhwc),
 }
 
 /// `drn.py`'s BasicBlock; `residual: false` is arch C's tail, which must not re-add the
 /// gridding artefacts of the dilated layers.
 #[derive(Debug, Clone)]
 struct BasicBlock {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
-    downsample: Option<(Conv2d, BatchNorm)>,
+    conv1: ConvBn,
+    conv2: ConvBn,
+    downsample: Option<ConvBn>,
     residual: bool,
 }
 
 impl BasicBlock {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out = self.bn1.forward_t(&self.conv1.forward(x)?, false)?.relu()?;
-        let out = self.bn2.forward_t(&self.conv2.forward(&out)?, false)?;
-        let out = if self.residual {
-            let shortcut = match &self.downsample {
-                Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, false)?,
-                None => x.clone(),
-            };
-            (out + shortcut)?
-        } else {
-            out
+    fn forward(&self, x: &Features) -> candle_core::Result<Features> {
+        let out = self.conv1.forward(x, None, true)?;
+        let projected;
+        let shortcut = match (&self.downsample, self.residual) {
+            (_, false) => None,
+            (Some(down), true) => {
+                projected = down.forward(x, None, false)?;
+                Some(&projected)
+            }
+            (None, true) => Some(x),
         };
-        out.relu()
+        self.conv2.forward(&out, shortcut, true)
+    }
+
+    fn map(
+        &self,
+        f: &impl Fn(&ConvBn) -> candle_core::Result<ConvBn>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            conv1: f(&self.conv1)?,
+            conv2: f(&self.conv2)?,
+            downsample: self.downsample.as_ref().map(f).transpose()?,
+            residual: self.residual,
+        })
     }
 }
 
 #[derive(Debug, Clone)]
 enum Stage {
     Blocks(Vec<BasicBlock>),
-    Convs(Vec<ConvBnRelu>),
+    /// Convolution, BatchNorm, ReLU: arch D's convolution stages.
+    Convs(Vec<ConvBn>),
 }
 
 impl Stage {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
+    fn forward(&self, x: Features) -> candle_core::Result<Features> {
+        let mut x = x;
         match self {
             Stage::Blocks(blocks) => {
                 for b in blocks {
@@ -205,11 +289,23 @@ impl Stage {
             }
             Stage::Convs(convs) => {
                 for c in convs {
-                    x = c.forward(&x)?;
+                    x = c.forward(&x, None, true)?;
                 }
             }
         }
         Ok(x)
+    }
+
+    fn map(
+        &self,
+        f: &impl Fn(&ConvBn) -> candle_core::Result<ConvBn>,
+    ) -> candle_core::Result<Self> {
+        Ok(match self {
+            Stage::Blocks(blocks) => {
+                Stage::Blocks(blocks.iter().map(|b| b.map(f)).collect::<Result<_, _>>()?)
+            }
+            Stage::Convs(convs) => Stage::Convs(convs.iter().map(f).collect::<Result<_, _>>()?),
+        })
     }
 }
 
@@ -231,7 +327,7 @@ fn make_layer(
             stride,
             ..Default::default()
         };
-        Some((
+        Some(ConvBn::new(
             conv2d_no_bias(*inplanes, planes, 1, cfg, vb.pp("0.downsample.0"))?,
             bn(planes, vb.pp("0.downsample.1"))?,
         ))
@@ -254,11 +350,17 @@ fn make_layer(
         } else {
             (planes, 1, (dilation, dilation))
         };
+        let conv1 = ConvBn::new(
+            conv3x3(inp, planes, s, d0, vb.pp("conv1"))?,
+            bn(planes, vb.pp("bn1"))?,
+        );
+        let conv2 = ConvBn::new(
+            conv3x3(planes, planes, 1, d1, vb.pp("conv2"))?,
+            bn(planes, vb.pp("bn2"))?,
+        );
         out.push(BasicBlock {
-            conv1: conv3x3(inp, planes, s, d0, vb.pp("conv1"))?,
-            bn1: bn(planes, vb.pp("bn1"))?,
-            conv2: conv3x3(planes, planes, 1, d1, vb.pp("conv2"))?,
-            bn2: bn(planes, vb.pp("bn2"))?,
+            conv1,
+            conv2,
             downsample: downsample.take(),
             residual,
         });
@@ -279,10 +381,10 @@ fn make_conv_layers(
     let mut out = Vec::with_capacity(convs);
     for i in 0..convs {
         let s = if i == 0 { stride } else { 1 };
-        out.push(ConvBnRelu {
-            conv: conv3x3(*inplanes, channels, s, dilation, vb.pp((3 * i).to_string()))?,
-            bn: bn(channels, vb.pp((3 * i + 1).to_string()))?,
-        });
+        out.push(ConvBn::new(
+            conv3x3(*inplanes, channels, s, dilation, vb.pp((3 * i).to_string()))?,
+            bn(channels, vb.pp((3 * i + 1).to_string()))?,
+        ));
         *inplanes = channels;
     }
     Ok(Stage::Convs(out))
@@ -291,7 +393,7 @@ fn make_conv_layers(
 /// A Dilated Residual Network with one fracture logit and, optionally, a logit map.
 #[derive(Debug, Clone)]
 pub struct Drn {
-    stem: ConvBnRelu,
+    stem: ConvBn,
     stages: Vec<Stage>,
     attention: Option<Conv2d>,
     map_head: Option<Conv2d>,
@@ -312,17 +414,15 @@ impl Drn {
             padding: 3,
             ..Default::default()
         };
-        let stem = if cfg.arch.is_c() {
-            ConvBnRelu {
-                conv: conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp("conv1"))?,
-                bn: bn(ch[0], vb.pp("bn1"))?,
-            }
+        let (conv_name, bn_name) = if cfg.arch.is_c() {
+            ("conv1", "bn1")
         } else {
-            ConvBnRelu {
-                conv: conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp("layer0.0"))?,
-                bn: bn(ch[0], vb.pp("layer0.1"))?,
-            }
+            ("layer0.0", "layer0.1")
         };
+        let stem = ConvBn::new(
+            conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp(conv_name))?,
+            bn(ch[0], vb.pp(bn_name))?,
+        );
 
         let mut inplanes = ch[0];
         let ip = &mut inplanes;
@@ -450,13 +550,68 @@ impl Drn {
         })
     }
 
+    /// Folds every BatchNorm into the convolution before it: w' = w * g / sqrt(var + eps),
+    /// b' = beta - mean * g / sqrt(var + eps). For inference only (the running statistics are
+    /// gone afterwards); the outputs agree with the unfolded network's to rounding.
+    pub fn fold_batchnorm(&self) -> candle_core::Result<Drn> {
+        self.map_convs(&ConvBn::fold)
+    }
+
+    /// Folds the BatchNorms and, on the CPU, moves every trunk convolution to the fast path
+    /// (channels-last im2col + `gemm`, fused bias, residual and ReLU). Elsewhere (CUDA) candle's
+    /// own conv2d runs the folded convolutions. What [`crate::Ensemble::load`] does to each member.
+    pub fn prepare_for_inference(&self, device: &Device) -> candle_core::Result<Drn> {
+        self.prepare_for_inference_with(device, Conv3x3::default())
+    }
+
+    /// [`Drn::prepare_for_inference`] with a choice of algorithm for the CPU's stride-1 3x3
+    /// convolutions; for benchmarks and tests.
+    pub fn prepare_for_inference_with(
+        &self,
+        device: &Device,
+        conv3x3: Conv3x3,
+    ) -> candle_core::Result<Drn> {
+        if device.is_cpu() {
+            self.map_convs(&|c: &ConvBn| c.to_cpu(conv3x3))
+        } else {
+            self.fold_batchnorm()
+        }
+    }
+
+    fn map_convs(
+        &self,
+        f: &impl Fn(&ConvBn) -> candle_core::Result<ConvBn>,
+    ) -> candle_core::Result<Drn> {
+        Ok(Drn {
+            stem: f(&self.stem)?,
+            stages: self
+                .stages
+                .iter()
+                .map(|s| s.map(f))
+                .collect::<candle_core::Result<_>>()?,
+            attention: self.attention.clone(),
+            map_head: self.map_head.clone(),
+            fc: self.fc.clone(),
+            pooling: self.pooling,
+        })
+    }
+
     /// `[N, in_channels, S, S]` -> (logits `[N]`, map logits `[N, S/8, S/8]` with a map head).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let n = x.dim(0)?;
-        let mut features = self.stem.forward(x)?;
+        let input = match self.stem {
+            ConvBn::Cpu(_) => Features::Nhwc(conv::Nhwc::from_nchw(x)?),
+            _ => Features::Tensor(x.clone()),
+        };
+        let mut features = self.stem.forward(&input, None, true)?;
+        drop(input);
         for stage in &self.stages {
-            features = stage.forward(&features)?;
+            features = stage.forward(features)?;
         }
+        let features = match features {
+            Features::Tensor(t) => t,
+            Features::Nhwc(f) => f.into_nchw(x.device())?,
+        };
         let map = match &self.map_head {
             Some(head) => Some(head.forward(&features)?.squeeze(1)?),
             None => None,
@@ -686,6 +841,83 @@ mod tests {
     use super::*;
 
     const ALL: [Arch; 4] = [Arch::DrnC26, Arch::DrnC42, Arch::DrnD22, Arch::DrnD38];
+
+    /// candle's pattern: a test body taking a device, run on the CPU and, in a `cuda` build,
+    /// on the first GPU.
+    macro_rules! test_device {
+        ($body:ident, $cpu:ident, $cuda:ident) => {
+            #[test]
+            fn $cpu() -> candle_core::Result<()> {
+                $body(&Device::Cpu)
+            }
+
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn $cuda() -> candle_core::Result<()> {
+                $body(&Device::new_cuda(0)?)
+            }
+        };
+    }
+
+    /// Largest difference relative to the largest reference value.
+    fn relative_diff(got: &Tensor, want: &Tensor) -> candle_core::Result<f32> {
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        Ok((got - want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    /// Folding BatchNorm (and, on the CPU, the fast path) changes nothing but rounding, on
+    /// statistics far from the identity.
+    fn folded_matches_unfolded(dev: &Device) -> candle_core::Result<()> {
+        let to_candle = |e: ModelError| candle_core::Error::Msg(e.to_string());
+        let tmp = tempfile::tempdir()?;
+        for (i, arch) in ALL.into_iter().enumerate() {
+            let spec = crate::MemberSpec {
+                name: "fold".into(),
+                arch,
+                input: crate::manifest::Input::Both,
+                map_head: true,
+                attention: i % 2 == 0,
+                pooling: if i < 2 { Pooling::Spp } else { Pooling::Avg },
+                channels: [4, 6, 8, 8, 12, 12, 10, 10],
+                weights: "w.safetensors".into(),
+                sha256: String::new(),
+            };
+            let path = tmp.path().join(format!("{i}.safetensors"));
+            crate::init::init_member_weights_with(
+                &spec,
+                i as u64 + 7,
+                crate::init::BatchNormInit::Random,
+                &path,
+            )
+            .map_err(to_candle)?;
+            let tensors = candle_core::safetensors::load(&path, dev)?;
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
+            let net = Drn::new(&spec.drn_config(), vb).map_err(to_candle)?;
+            let x = Tensor::randn(0f32, 1.0, (2, 2, 48, 48), dev)?;
+            let (want_logits, want_map) = net.forward(&x)?;
+            let want_map = want_map.expect("a map head");
+            for prepared in [
+                net.fold_batchnorm()?,
+                net.prepare_for_inference_with(dev, Conv3x3::Im2col)?,
+                net.prepare_for_inference(dev)?,
+            ] {
+                let (logits, map) = prepared.forward(&x)?;
+                let map = map.expect("a map head");
+                let (dl, dm) = (
+                    relative_diff(&logits, &want_logits)?,
+                    relative_diff(&map, &want_map)?,
+                );
+                assert!(dl < 1e-4 && dm < 1e-4, "{arch:?}: logits {dl}, map {dm}");
+            }
+        }
+        Ok(())
+    }
+
+    test_device!(
+        folded_matches_unfolded,
+        folded_matches_unfolded_cpu,
+        folded_matches_unfolded_cuda
+    );
 
     fn millions(n: usize) -> f64 {
         n as f64 / 1e6

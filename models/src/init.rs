@@ -53,6 +53,18 @@ fn is_head(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
+/// How [`init_member_weights_with`] sets the BatchNorm tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchNormInit {
+    /// Weight 1, bias 0, running mean 0, running variance 1: a freshly made PyTorch BatchNorm.
+    #[default]
+    Identity,
+    /// Weight in [0.5, 1.5), bias and running mean in [-0.25, 0.25), running variance in
+    /// [0.5, 2): the statistics of a trained network are never the identity, and BatchNorm
+    /// folding and exports must be tested on ones that are not.
+    Random,
+}
+
 /// Writes randomly initialised weights for `spec` to `path` and returns the file's sha256 (hex).
 ///
 /// Convolutions: `drn.py`'s He initialisation, normal with std sqrt(2 / (k * k * out_channels)).
@@ -65,11 +77,34 @@ pub fn init_member_weights(
     seed: u64,
     path: &Path,
 ) -> Result<String, ModelError> {
+    init_member_weights_with(spec, seed, BatchNormInit::Identity, path)
+}
+
+/// [`init_member_weights`] with a choice of BatchNorm statistics; the other tensors are the same.
+pub fn init_member_weights_with(
+    spec: &MemberSpec,
+    seed: u64,
+    batchnorm: BatchNormInit,
+    path: &Path,
+) -> Result<String, ModelError> {
     let mut tensors = HashMap::new();
     for p in parameter_specs(&spec.drn_config())? {
         let numel: usize = p.shape.iter().product();
         let mut rng = SplitMix64(seed ^ fnv1a(&p.name));
+        let uniform = |rng: &mut SplitMix64, lo: f64, hi: f64| -> Vec<f32> {
+            (0..numel)
+                .map(|_| (lo + (hi - lo) * rng.uniform()) as f32)
+                .collect()
+        };
         let data: Vec<f32> = match (p.init, p.shape.as_slice()) {
+            // BatchNorm tensors are the one-dimensional ones outside the heads.
+            (_, [_]) if batchnorm == BatchNormInit::Random && !is_head(&p.name) => {
+                match p.name.rsplit('.').next() {
+                    Some("weight") => uniform(&mut rng, 0.5, 1.5),
+                    Some("running_var") => uniform(&mut rng, 0.5, 2.0),
+                    _ => uniform(&mut rng, -0.25, 0.25),
+                }
+            }
             (candle_nn::Init::Const(v), _) => vec![v as f32; numel],
             (_, [out, inp, kh, kw]) if !p.name.ends_with(".bias") => {
                 let std = if is_head(&p.name) {

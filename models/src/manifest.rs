@@ -48,6 +48,10 @@ pub struct Manifest {
     /// Side of the square model input; equals `transform.size`.
     pub input_size: usize,
     pub model_card: String,
+    /// Benchmarks only: no networks; a radiograph's score is a fixed function of its pixels and
+    /// there is no map. Measures the pipeline's own ceiling without a model in the way. Such a
+    /// manifest must say `trained = false` and have no members.
+    pub null_model: bool,
     pub transform: TransformConfig,
     pub thresholds: Thresholds,
     pub members: Vec<MemberSpec>,
@@ -159,6 +163,8 @@ struct RawManifest {
     input_size: usize,
     model_card: String,
     #[serde(default)]
+    null_model: bool,
+    #[serde(default)]
     transform: RawTransform,
     #[serde(default)]
     thresholds: Thresholds,
@@ -215,6 +221,7 @@ impl Manifest {
             trained: raw.trained,
             input_size: raw.input_size,
             model_card: raw.model_card,
+            null_model: raw.null_model,
             transform,
             thresholds: raw.thresholds,
             members: raw.members,
@@ -268,6 +275,14 @@ impl Manifest {
             }
         }
 
+        if self.null_model {
+            if self.trained || !self.members.is_empty() {
+                return Err("null_model = true is for benchmarks only: it must say \
+                            trained = false and have no [[members]]"
+                    .into());
+            }
+            return Ok(());
+        }
         if self.members.is_empty() {
             return Err("no [[members]]: an ensemble needs at least one network".into());
         }

@@ -5,6 +5,7 @@
 //! rescaled to [-1, 1]. Training and serving must apply exactly this function, so it lives here
 //! and nowhere else.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
@@ -90,16 +91,68 @@ impl Transformed {
         data.extend_from_slice(&self.lcn);
         data
     }
+
+    /// Where the original point `(x, y)` lands in the model input, clamped to the resized image.
+    ///
+    /// Coordinates are continuous, pixel `i` covering `[i, i + 1)` on both sides, so a box's
+    /// exclusive far corner maps like any other point. Training uses this for annotation boxes.
+    pub fn to_model(&self, x: f64, y: f64) -> (f64, f64) {
+        let [x0, y0, x1, y1] = self.crop.map(f64::from);
+        (
+            (x.clamp(x0, x1) - x0) * self.scale,
+            (y.clamp(y0, y1) - y0) * self.scale,
+        )
+    }
+
+    /// The inverse of [`Transformed::to_model`], clamped to the crop; the same mapping as
+    /// `fracture_shared::messages::Geometry::to_original`, which serving uses.
+    pub fn to_original(&self, x: f64, y: f64) -> (f64, f64) {
+        let [x0, y0, x1, y1] = self.crop.map(f64::from);
+        (
+            (x0 + x / self.scale).clamp(x0, x1),
+            (y0 + y / self.scale).clamp(y0, y1),
+        )
+    }
+
+    /// [`Transformed::to_model`] for a box `[x0, y0, x1, y1]`.
+    pub fn box_to_model(&self, b: [f64; 4]) -> [f64; 4] {
+        let (x0, y0) = self.to_model(b[0], b[1]);
+        let (x1, y1) = self.to_model(b[2], b[3]);
+        [x0, y0, x1, y1]
+    }
+
+    /// [`Transformed::to_original`] for a box `[x0, y0, x1, y1]`.
+    pub fn box_to_original(&self, b: [f64; 4]) -> [f64; 4] {
+        let (x0, y0) = self.to_original(b[0], b[1]);
+        let (x1, y1) = self.to_original(b[2], b[3]);
+        [x0, y0, x1, y1]
+    }
 }
 
-/// A content run shorter than this fraction of the image side is not anatomy (a burned-in
-/// marker letter, a ruler tick, a label) and does not hold the crop open.
+/// A line is content only when more of its pixels than this fraction of the busiest line's
+/// count are bright: a bright strip along a film edge or a marker puts a few dozen bright
+/// pixels in every line that crosses it, anatomy puts hundreds.
+const LINE_FRACTION_OF_PEAK: f64 = 0.05;
+/// ... and more than this fraction of the line's length, for nearly empty images.
+const LINE_FRACTION_OF_LENGTH: f64 = 0.005;
+/// ... and never fewer than this many pixels: a few noisy pixels are not content.
+const LINE_MIN_PIXELS: f64 = 2.0;
+/// A run of content lines shorter than this fraction of the image side is not anatomy (a
+/// burned-in marker letter, a label) and does not hold the crop open.
 const MIN_CONTENT_RUN_FRACTION: f64 = 0.05;
-/// ... and never shorter than this many pixels, for small images.
+/// ... and never shorter than this many lines, for small images.
 const MIN_CONTENT_RUN_PX: usize = 4;
+/// A run holding fewer bright pixels than this fraction of the heaviest run's is a marker block
+/// or a label in the padding, however long; a second view on the same film holds far more.
+const MIN_RUN_MASS_FRACTION: f64 = 0.10;
 /// Below this mean local standard deviation the canvas is flat: 1e-6 is far under one grey level
 /// of a 16-bit image (1.5e-5), so only rounding noise would be left to amplify.
 const FLAT_STD: f64 = 1e-6;
+/// Image rows per parallel task when counting bright pixels.
+const COUNT_ROWS_PER_TASK: usize = 64;
+/// Canvas rows per parallel LCN task: its horizontally blurred rows (plus the window's halo)
+/// stay in the core's cache for the vertical pass.
+const LCN_ROWS_PER_TASK: usize = 32;
 
 /// Crops the black padding, resizes to fit `cfg.size` (aspect preserved, top-left, zero padded)
 /// and computes the LCN copy.
@@ -107,11 +160,22 @@ const FLAT_STD: f64 = 1e-6;
 /// `img` is a MONOCHROME2 image (bright = bone), row-major, normalised to [0, 1] by the caller.
 ///
 /// The crop keeps the rows (and, separately, the columns) from the first to the last *run* of
-/// content lines that is at least 5% of the image side long, a line being content when more than
-/// max(2, 0.5% of its length) pixels exceed `crop_threshold`. Short runs are burned-in markers or
-/// labels in the padding and are ignored; the gap between two long runs (two views on one film)
-/// is kept, which taking only the largest run would not. With no long run the longest short run
-/// is kept, and an image with no content at all keeps its full extent.
+/// content lines that is at least 5% of the image side long and holds at least 10% of the bright
+/// pixels of the heaviest run. A line is content when more than max(2, 0.5% of its length, 5% of
+/// the busiest line's count) of its pixels exceed `crop_threshold`. So a few noisy pixels, a
+/// bright strip along the film edge, and burned-in markers, labels or marker blocks in the padding
+/// do not hold the crop open, while the gap between two views on one film is kept (taking only
+/// the heaviest run would not). With no such run the heaviest run is kept, and an image with no
+/// content at all keeps its full extent.
+///
+/// The resize scales both axes by `scale = min(size / crop width, size / crop height)`, averaging
+/// areas when shrinking (bilinear when enlarging), so original `x = crop[0] + model_x / scale`
+/// exactly (see [`Transformed::to_original`]).
+///
+/// The LCN is `(x - m) / max(c, s)` with `m` and `s` the local mean and standard deviation under
+/// the `lcn_window` x `lcn_window` Gaussian (`lcn_sigma`), `c` the mean of `s` over the canvas,
+/// then divided by its largest magnitude so it spans [-1, 1] with 0 kept at 0. A window cut by
+/// the canvas edge is renormalised over the pixels inside it.
 pub fn transform(
     img: &[f32],
     width: usize,
@@ -164,7 +228,8 @@ pub fn transform(
     })
 }
 
-/// Per row and per column, how many pixels exceed `threshold`; refuses non-finite pixels.
+/// Per row and per column, how many pixels exceed `threshold`, in one pass over the image;
+/// refuses non-finite pixels.
 fn content_counts(
     img: &[f32],
     width: usize,
@@ -172,67 +237,101 @@ fn content_counts(
 ) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
     let height = img.len() / width;
     let mut rows = vec![0u32; height];
-    let mut cols = vec![0u32; width];
-    for (y, row) in img.chunks_exact(width).enumerate() {
-        let mut n = 0u32;
-        let mut sum = 0f32;
-        for (c, &v) in cols.iter_mut().zip(row) {
-            let bright = u32::from(v > threshold);
-            *c += bright;
-            n += bright;
-            sum += v;
-        }
-        // A NaN or infinity anywhere in the row makes its sum non-finite: one check per row.
-        if !sum.is_finite() {
-            return Err(ModelError::InvalidImage(format!(
+    let cols = img
+        .par_chunks(width * COUNT_ROWS_PER_TASK)
+        .zip(rows.par_chunks_mut(COUNT_ROWS_PER_TASK))
+        .enumerate()
+        .try_fold(
+            || vec![0u32; width],
+            |mut cols, (task, (pixels, row_counts))| {
+                for (i, (row, count)) in pixels.chunks_exact(width).zip(row_counts).enumerate() {
+                    // Integer sums only (no float sum for a finiteness check), so the loop
+                    // vectorises.
+                    let (mut n, mut non_finite) = (0u32, 0u32);
+                    for (c, &v) in cols.iter_mut().zip(row) {
+                        let bright = u32::from(v > threshold);
+                        *c += bright;
+                        n += bright;
+                        non_finite += u32::from(!v.is_finite());
+                    }
+                    if non_finite > 0 {
+                        return Err(task * COUNT_ROWS_PER_TASK + i);
+                    }
+                    *count = n;
+                }
+                Ok(cols)
+            },
+        )
+        .try_reduce(
+            || vec![0u32; width],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                Ok(a)
+            },
+        )
+        .map_err(|y| {
+            ModelError::InvalidImage(format!(
                 "row {y} holds a NaN or infinite pixel value; pixels must be normalised to \
                  [0, 1] before the transform"
-            )));
-        }
-        rows[y] = n;
-    }
+            ))
+        })?;
     Ok((rows, cols))
 }
 
 /// The kept span `[start, end)` along one axis; see [`transform`] for the rule.
 fn content_span(counts: &[u32], line_len: usize) -> (usize, usize) {
-    let min_count = (0.005 * line_len as f64).max(2.0);
+    let peak = counts.iter().copied().max().unwrap_or(0);
+    let min_count = LINE_MIN_PIXELS
+        .max(LINE_FRACTION_OF_LENGTH * line_len as f64)
+        .max(LINE_FRACTION_OF_PEAK * f64::from(peak));
     let is_content = |c: u32| f64::from(c) > min_count;
     let min_run =
         MIN_CONTENT_RUN_PX.max((MIN_CONTENT_RUN_FRACTION * counts.len() as f64).ceil() as usize);
 
-    let mut runs = Vec::new();
-    let mut start = None;
+    // (start, end, bright pixels) of each run of content lines.
+    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+    let mut open: Option<(usize, u64)> = None;
     for (i, &c) in counts.iter().enumerate() {
-        match (is_content(c), start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                runs.push((s, i));
-                start = None;
+        match (is_content(c), open.as_mut()) {
+            (true, None) => open = Some((i, u64::from(c))),
+            (true, Some((_, mass))) => *mass += u64::from(c),
+            (false, Some(&mut (s, mass))) => {
+                runs.push((s, i, mass));
+                open = None;
             }
-            _ => {}
+            (false, None) => {}
         }
     }
-    if let Some(s) = start {
-        runs.push((s, counts.len()));
+    if let Some((s, mass)) = open {
+        runs.push((s, counts.len(), mass));
     }
 
-    let long: Vec<_> = runs.iter().filter(|(s, e)| e - s >= min_run).collect();
-    match (long.first(), long.last()) {
+    // The first of equally heavy runs, as the Python peer's argmax picks.
+    let Some(heaviest) = runs
+        .iter()
+        .copied()
+        .reduce(|best, r| if r.2 > best.2 { r } else { best })
+    else {
+        return (0, counts.len());
+    };
+    let min_mass = MIN_RUN_MASS_FRACTION * heaviest.2 as f64;
+    let mut kept = runs
+        .iter()
+        .filter(|&&(s, e, mass)| e - s >= min_run && mass as f64 >= min_mass);
+    match (kept.next(), kept.next_back()) {
         (Some(first), Some(last)) => (first.0, last.1),
-        _ => runs
-            .iter()
-            .max_by_key(|(s, e)| e - s)
-            .copied()
-            .unwrap_or((0, counts.len())),
+        (Some(only), None) => (only.0, only.1),
+        _ => (heaviest.0, heaviest.1),
     }
 }
 
-/// Sparse 1-D resampling weights: output `i` reads `weights[taps[i].0..taps[i].1]` applied to
-/// source pixels starting at `first[i]`.
+/// 1-D resampling weights, `stride` per output pixel (zero padded): output `i` is
+/// `sum_t weights[i * stride + t] * source[first[i] + t]`, of which the first `len[i]` terms
+/// are real.
 struct AxisWeights {
     first: Vec<usize>,
-    taps: Vec<(usize, usize)>,
+    len: Vec<usize>,
+    stride: usize,
     weights: Vec<f32>,
 }
 
@@ -242,10 +341,8 @@ impl AxisWeights {
     /// back to the original is exactly `x / scale` on both axes.
     fn new(src_len: usize, dst_len: usize, scale: f64) -> Self {
         let mut first = Vec::with_capacity(dst_len);
-        let mut taps = Vec::with_capacity(dst_len);
-        let mut weights = Vec::with_capacity(dst_len * 4);
+        let mut taps: Vec<Vec<f32>> = Vec::with_capacity(dst_len);
         for i in 0..dst_len {
-            let begin = weights.len();
             if scale < 1.0 {
                 let a = i as f64 / scale;
                 let b = ((i + 1) as f64 / scale).min(src_len as f64);
@@ -253,36 +350,85 @@ impl AxisWeights {
                 let j1 = (b.ceil() as usize).clamp(j0 + 1, src_len);
                 let width = (b - a).max(f64::MIN_POSITIVE);
                 first.push(j0);
-                for j in j0..j1 {
-                    let overlap = (b.min((j + 1) as f64) - a.max(j as f64)).max(0.0);
-                    weights.push((overlap / width) as f32);
-                }
+                taps.push(
+                    (j0..j1)
+                        .map(|j| {
+                            let overlap = (b.min((j + 1) as f64) - a.max(j as f64)).max(0.0);
+                            (overlap / width) as f32
+                        })
+                        .collect(),
+                );
             } else {
                 let s = ((i as f64 + 0.5) / scale - 0.5).clamp(0.0, (src_len - 1) as f64);
                 let j0 = s.floor() as usize;
                 let f = s - j0 as f64;
                 first.push(j0);
-                weights.push((1.0 - f) as f32);
-                if j0 + 1 < src_len {
-                    weights.push(f as f32);
-                }
+                taps.push(if j0 + 1 < src_len {
+                    vec![(1.0 - f) as f32, f as f32]
+                } else {
+                    vec![(1.0 - f) as f32]
+                });
             }
-            taps.push((begin, weights.len()));
+        }
+        let stride = taps.iter().map(Vec::len).max().unwrap_or(1);
+        let mut weights = vec![0f32; dst_len * stride];
+        for (w, t) in weights.chunks_exact_mut(stride).zip(&taps) {
+            w[..t.len()].copy_from_slice(t);
         }
         Self {
             first,
-            taps,
+            len: taps.iter().map(Vec::len).collect(),
+            stride,
             weights,
         }
     }
 
+    /// The first source pixel and the real weights of output `i`.
     fn of(&self, i: usize) -> (usize, &[f32]) {
-        let (a, b) = self.taps[i];
-        (self.first[i], &self.weights[a..b])
+        let w = &self.weights[i * self.stride..];
+        (self.first[i], &w[..self.len[i]])
+    }
+
+    /// Resamples `src` (which must hold `stride` pixels past its last real one, zeros) into
+    /// `out`; specialised for the usual strides so the inner product is unrolled.
+    fn gather(&self, src: &[f32], out: &mut [f32]) {
+        match self.stride {
+            1 => self.gather_n::<1>(src, out),
+            2 => self.gather_n::<2>(src, out),
+            3 => self.gather_n::<3>(src, out),
+            4 => self.gather_n::<4>(src, out),
+            5 => self.gather_n::<5>(src, out),
+            6 => self.gather_n::<6>(src, out),
+            7 => self.gather_n::<7>(src, out),
+            8 => self.gather_n::<8>(src, out),
+            n => {
+                for ((o, &j), w) in out.iter_mut().zip(&self.first).zip(self.weights.chunks(n)) {
+                    *o = w.iter().zip(&src[j..j + n]).map(|(w, v)| w * v).sum();
+                }
+            }
+        }
+    }
+
+    fn gather_n<const N: usize>(&self, src: &[f32], out: &mut [f32]) {
+        for ((o, &j), w) in out
+            .iter_mut()
+            .zip(&self.first)
+            .zip(self.weights.chunks_exact(N))
+        {
+            let mut acc = 0f32;
+            for (w, v) in w.iter().zip(&src[j..j + N]) {
+                acc += w * v;
+            }
+            *o = acc;
+        }
     }
 }
 
 /// Resamples the crop to `out_w x out_h` and places it top-left on a zeroed `size x size` canvas.
+///
+/// Each output row mixes its few source rows first (whole-row multiply-adds, which vectorise, on
+/// the long source rows) and then resamples that one row horizontally, so no full-size
+/// intermediate image is written; rows are independent and run in parallel.
 fn resize_into_canvas(
     img: &[f32],
     width: usize,
@@ -292,104 +438,157 @@ fn resize_into_canvas(
     scale: f64,
     size: usize,
 ) -> Vec<f32> {
-    let horizontal = AxisWeights::new(x1 - x0, out_w, scale);
+    let crop_w = x1 - x0;
+    let horizontal = AxisWeights::new(crop_w, out_w, scale);
     let vertical = AxisWeights::new(y1 - y0, out_h, scale);
-
-    // Horizontal pass first: it shrinks each long source row to out_w before the rows are mixed.
-    let mut rows = vec![0f32; (y1 - y0) * out_w];
-    for (y, out_row) in rows.chunks_exact_mut(out_w).enumerate() {
-        let src = &img[(y0 + y) * width + x0..(y0 + y) * width + x1];
-        for (i, out) in out_row.iter_mut().enumerate() {
-            let (j, w) = horizontal.of(i);
-            *out = w.iter().zip(&src[j..]).map(|(w, v)| w * v).sum();
-        }
-    }
-
-    // Vertical pass as whole-row multiply-adds, which the compiler vectorises.
     let mut canvas = vec![0f32; size * size];
-    for y in 0..out_h {
-        let (j, w) = vertical.of(y);
-        let out_row = &mut canvas[y * size..y * size + out_w];
-        for (k, &wk) in w.iter().enumerate() {
-            let src = &rows[(j + k) * out_w..(j + k + 1) * out_w];
-            for (o, v) in out_row.iter_mut().zip(src) {
-                *o += wk * v;
-            }
-        }
-    }
+    canvas
+        .par_chunks_mut(size)
+        .take(out_h)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; crop_w + horizontal.stride],
+            |mixed, (y, out_row)| {
+                let (j, w) = vertical.of(y);
+                let src = |k: usize| &img[(y0 + j + k) * width + x0..][..crop_w];
+                let row = &mut mixed[..crop_w];
+                for (m, &v) in row.iter_mut().zip(src(0)) {
+                    *m = w[0] * v;
+                }
+                for (k, &wk) in w.iter().enumerate().skip(1) {
+                    for (m, &v) in row.iter_mut().zip(src(k)) {
+                        *m += wk * v;
+                    }
+                }
+                horizontal.gather(mixed, &mut out_row[..out_w]);
+            },
+        );
     canvas
 }
 
-/// A normalised 1-D Gaussian and, per position, the inverse of the sum of the taps that fall
-/// inside the image, so a window truncated at an edge is renormalised rather than reading zeros.
+/// Sum in f64 over independent lanes, so it vectorises and is the same on every run.
+fn sum_f64(v: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&x| f64::from(x)).sum();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f64::from(x);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// A normalised, symmetric 1-D Gaussian and, per position, the inverse of the sum of the taps
+/// that fall inside the image, so a window truncated at an edge is renormalised rather than
+/// reading zeros.
 struct Gaussian {
     taps: Vec<f32>,
+    radius: usize,
     inv_norm: Vec<f32>,
 }
 
 impl Gaussian {
     fn new(window: usize, sigma: f32, n: usize) -> Self {
-        let r = (window / 2) as isize;
+        let r = window / 2;
         let two_s2 = 2.0 * f64::from(sigma) * f64::from(sigma);
-        let raw: Vec<f64> = (-r..=r)
-            .map(|k| (-((k * k) as f64) / two_s2).exp())
+        let raw: Vec<f64> = (0..window)
+            .map(|k| {
+                let d = k as f64 - r as f64;
+                (-(d * d) / two_s2).exp()
+            })
             .collect();
         let total: f64 = raw.iter().sum();
         let taps: Vec<f32> = raw.iter().map(|w| (w / total) as f32).collect();
-        let inv_norm = (0..n as isize)
+        let inv_norm = (0..n)
             .map(|p| {
-                let inside: f32 = (-r..=r)
-                    .filter(|k| (0..n as isize).contains(&(p + k)))
-                    .map(|k| taps[(k + r) as usize])
+                // Tap k reads position p + k - r.
+                let inside: f32 = taps[r.saturating_sub(p)..window.min(n + r - p)]
+                    .iter()
                     .sum();
                 1.0 / inside
             })
             .collect();
-        Self { taps, inv_norm }
+        Self {
+            taps,
+            radius: r,
+            inv_norm,
+        }
     }
 
-    fn radius(&self) -> isize {
-        (self.taps.len() / 2) as isize
+    /// Tap `k` at distance `d` from the centre, `0 <= d <= radius`.
+    fn at(&self, d: usize) -> f32 {
+        self.taps[self.radius + d]
     }
 
-    /// Separable blur of the `n x n` image `src` into `dst`, using `tmp` for the row pass.
-    fn blur(&self, src: &[f32], n: usize, tmp: &mut [f32], dst: &mut [f32]) {
-        let r = self.radius();
-        let ni = n as isize;
-        for (src_row, tmp_row) in src.chunks_exact(n).zip(tmp.chunks_exact_mut(n)) {
-            tmp_row.fill(0.0);
-            for (k, &g) in self.taps.iter().enumerate() {
-                let d = k as isize - r;
-                let lo = (-d).max(0) as usize;
-                let hi = (ni - d).min(ni).max(0) as usize;
-                if lo >= hi {
-                    continue;
-                }
-                let shifted = &src_row[(lo as isize + d) as usize..(hi as isize + d) as usize];
-                for (t, v) in tmp_row[lo..hi].iter_mut().zip(shifted) {
-                    *t += g * v;
+    /// The renormalised horizontal blur of one row.
+    fn blur_row(&self, row: &[f32], out: &mut [f32]) {
+        let (n, r) = (row.len(), self.radius);
+        let direct = |x: usize| -> f32 {
+            let lo = x.saturating_sub(r);
+            let hi = (x + r + 1).min(n);
+            (lo..hi).map(|xx| self.taps[xx + r - x] * row[xx]).sum()
+        };
+        if n > 2 * r {
+            // Away from the edges: symmetric pairs, whole-row multiply-adds that vectorise.
+            let m = n - 2 * r;
+            let inner = &mut out[r..r + m];
+            let g0 = self.at(0);
+            for (o, &v) in inner.iter_mut().zip(&row[r..r + m]) {
+                *o = g0 * v;
+            }
+            for d in 1..=r {
+                let g = self.at(d);
+                let (left, right) = (&row[r - d..r - d + m], &row[r + d..r + d + m]);
+                for ((o, &a), &b) in inner.iter_mut().zip(left).zip(right) {
+                    *o += g * (a + b);
                 }
             }
-            for (t, s) in tmp_row.iter_mut().zip(&self.inv_norm) {
-                *t *= s;
+            for x in (0..r).chain(n - r..n) {
+                out[x] = direct(x);
+            }
+        } else {
+            for (x, o) in out.iter_mut().enumerate() {
+                *o = direct(x);
             }
         }
-        for (y, dst_row) in dst.chunks_exact_mut(n).enumerate() {
-            dst_row.fill(0.0);
-            for (k, &g) in self.taps.iter().enumerate() {
-                let yy = y as isize + k as isize - r;
-                if !(0..ni).contains(&yy) {
-                    continue;
+        for (o, s) in out.iter_mut().zip(&self.inv_norm) {
+            *o *= s;
+        }
+    }
+
+    /// The renormalised vertical blur at canvas row `y` of the horizontally blurred rows, which
+    /// `rows(yy)` returns for `|yy - y| <= radius` inside the canvas.
+    fn blur_column<'a>(
+        &self,
+        y: usize,
+        n: usize,
+        rows: impl Fn(usize) -> &'a [f32],
+        out: &mut [f32],
+    ) {
+        let g0 = self.at(0);
+        for (o, &v) in out.iter_mut().zip(rows(y)) {
+            *o = g0 * v;
+        }
+        for d in 1..=self.radius {
+            let g = self.at(d);
+            match (y.checked_sub(d), (y + d < n).then_some(y + d)) {
+                (Some(up), Some(down)) => {
+                    for ((o, &a), &b) in out.iter_mut().zip(rows(up)).zip(rows(down)) {
+                        *o += g * (a + b);
+                    }
                 }
-                let src_row = &tmp[yy as usize * n..(yy as usize + 1) * n];
-                for (o, v) in dst_row.iter_mut().zip(src_row) {
-                    *o += g * v;
+                (Some(one), None) | (None, Some(one)) => {
+                    for (o, &a) in out.iter_mut().zip(rows(one)) {
+                        *o += g * a;
+                    }
                 }
+                (None, None) => {}
             }
-            let s = self.inv_norm[y];
-            for o in dst_row.iter_mut() {
-                *o *= s;
-            }
+        }
+        let s = self.inv_norm[y];
+        for o in out.iter_mut() {
+            *o *= s;
         }
     }
 }
@@ -400,41 +599,102 @@ fn local_contrast_normalise(canvas: &[f32], n: usize, window: usize, sigma: f32)
     // LCN ignores a constant offset, so subtracting the global mean first changes nothing but
     // the rounding: E[x^2] - E[x]^2 no longer cancels two large numbers, and a constant image
     // becomes exactly zero instead of rounding noise that the final rescale would blow up.
-    let global_mean =
-        (canvas.iter().map(|&v| f64::from(v)).sum::<f64>() / canvas.len() as f64) as f32;
-    let centred: Vec<f32> = canvas.iter().map(|v| v - global_mean).collect();
-    let squared: Vec<f32> = centred.iter().map(|v| v * v).collect();
+    let partial: Vec<f64> = canvas
+        .par_chunks(n * LCN_ROWS_PER_TASK)
+        .map(sum_f64)
+        .collect();
+    let global_mean = (partial.iter().sum::<f64>() / canvas.len() as f64) as f32;
 
     let gauss = Gaussian::new(window, sigma, n);
-    let mut tmp = vec![0f32; n * n];
-    let mut mean = vec![0f32; n * n];
-    let mut mean_sq = vec![0f32; n * n];
-    gauss.blur(&centred, n, &mut tmp, &mut mean);
-    gauss.blur(&squared, n, &mut tmp, &mut mean_sq);
-    drop(squared);
-
-    // Reuse `tmp` for the local standard deviation.
-    let std = &mut tmp;
-    for ((s, m), m2) in std.iter_mut().zip(&mean).zip(&mean_sq) {
-        *s = (m2 - m * m).max(0.0).sqrt();
-    }
-    let c = std.iter().map(|&s| f64::from(s)).sum::<f64>() / std.len() as f64;
+    let r = gauss.radius;
+    // `out` holds x - mean until the final division; `std` the local standard deviation.
+    let mut out = vec![0f32; n * n];
+    let mut std = vec![0f32; n * n];
+    let band = n * LCN_ROWS_PER_TASK;
+    let std_sums: Vec<f64> = out
+        .par_chunks_mut(band)
+        .zip(std.par_chunks_mut(band))
+        .enumerate()
+        .map_init(
+            || {
+                let rows = (LCN_ROWS_PER_TASK + 2 * r).min(n) * n;
+                (vec![0f32; rows], vec![0f32; rows], vec![0f32; 2 * n])
+            },
+            |(h_mean, h_sq, line), (task, (out_band, std_band))| {
+                let top = task * LCN_ROWS_PER_TASK;
+                let bottom = top + out_band.len() / n;
+                let (lo, hi) = (top.saturating_sub(r), (bottom + r).min(n));
+                // Horizontal pass over the band and its halo, into the task's scratch rows.
+                let (centred, squared) = line.split_at_mut(n);
+                for (k, y) in (lo..hi).enumerate() {
+                    for ((c, s), &v) in centred
+                        .iter_mut()
+                        .zip(squared.iter_mut())
+                        .zip(&canvas[y * n..(y + 1) * n])
+                    {
+                        *c = v - global_mean;
+                        *s = *c * *c;
+                    }
+                    gauss.blur_row(centred, &mut h_mean[k * n..(k + 1) * n]);
+                    gauss.blur_row(squared, &mut h_sq[k * n..(k + 1) * n]);
+                }
+                // Vertical pass, then the numerator and the local standard deviation.
+                let mut std_sum = 0f64;
+                let (mean, mean_sq) = line.split_at_mut(n);
+                // Scratch row k holds canvas row lo + k.
+                let (h_mean, h_sq) = (&h_mean[..], &h_sq[..]);
+                let at = |yy: usize| (yy - lo) * n..(yy - lo + 1) * n;
+                for (y, (out_row, std_row)) in (top..bottom).zip(
+                    out_band
+                        .chunks_exact_mut(n)
+                        .zip(std_band.chunks_exact_mut(n)),
+                ) {
+                    gauss.blur_column(y, n, |yy| &h_mean[at(yy)], mean);
+                    gauss.blur_column(y, n, |yy| &h_sq[at(yy)], mean_sq);
+                    let src = &canvas[y * n..(y + 1) * n];
+                    for ((((o, s), &v), &m), &m2) in out_row
+                        .iter_mut()
+                        .zip(std_row.iter_mut())
+                        .zip(src)
+                        .zip(mean.iter())
+                        .zip(mean_sq.iter())
+                    {
+                        *o = (v - global_mean) - m;
+                        *s = (m2 - m * m).max(0.0).sqrt();
+                    }
+                    std_sum += sum_f64(std_row);
+                }
+                std_sum
+            },
+        )
+        .collect();
+    let c = std_sums.iter().sum::<f64>() / (n * n) as f64;
     if c <= FLAT_STD {
         return vec![0.0; n * n];
     }
     let c = c as f32;
 
-    let mut out = centred;
-    let mut max_abs = 0f32;
-    for ((o, m), s) in out.iter_mut().zip(&mean).zip(std.iter()) {
-        *o = (*o - m) / s.max(c);
-        max_abs = max_abs.max(o.abs());
-    }
+    let max_abs = out
+        .par_chunks_mut(band)
+        .zip(std.par_chunks(band))
+        .map(|(o, s)| {
+            let mut lanes = [0f32; 8];
+            for (o, s) in o.chunks_mut(8).zip(s.chunks(8)) {
+                for ((o, &s), l) in o.iter_mut().zip(s).zip(lanes.iter_mut()) {
+                    *o /= s.max(c);
+                    *l = l.max(o.abs());
+                }
+            }
+            lanes.into_iter().fold(0f32, f32::max)
+        })
+        .reduce(|| 0f32, f32::max);
     if max_abs > 0.0 {
         let inv = 1.0 / max_abs;
-        for o in out.iter_mut() {
-            *o = (*o * inv).clamp(-1.0, 1.0);
-        }
+        out.par_chunks_mut(band).for_each(|o| {
+            for v in o {
+                *v = (*v * inv).clamp(-1.0, 1.0);
+            }
+        });
     }
     out
 }
@@ -489,6 +749,35 @@ mod tests {
         }
         let t = transform(&img, w, h, &cfg(128)).expect("transform");
         assert_eq!(t.crop, [100, 150, 900, 700]);
+    }
+
+    #[test]
+    fn content_too_small_for_a_long_run_keeps_the_heaviest_run() {
+        // Only a 6 x 6 blob and a fainter 3 x 3 one: no run reaches 5% of the side (10 lines),
+        // so the heaviest run is kept rather than the whole image.
+        let mut img = padded_rect(200, 200, [50, 60, 56, 66], 0.9);
+        for y in 150..153 {
+            img[y * 200 + 150..y * 200 + 153].fill(0.9);
+        }
+        let t = transform(&img, 200, 200, &cfg(32)).expect("transform");
+        assert_eq!(t.crop, [50, 60, 56, 66]);
+    }
+
+    #[test]
+    fn a_second_view_is_kept_but_a_label_block_is_not() {
+        // The second view holds half the first's bright pixels; the label block (40 x 25, in
+        // the corner below the second view) is longer than 5% of both sides but holds under
+        // 10% of the heaviest run's bright pixels along either axis.
+        let (w, h) = (600, 400);
+        let mut img = padded_rect(w, h, [40, 40, 240, 360], 0.6);
+        for y in 120..280 {
+            img[y * w + 300..y * w + 500].fill(0.6);
+        }
+        for y in 370..395 {
+            img[y * w + 530..y * w + 570].fill(1.0);
+        }
+        let t = transform(&img, w, h, &cfg(64)).expect("transform");
+        assert_eq!(t.crop, [40, 40, 500, 360]);
     }
 
     #[test]

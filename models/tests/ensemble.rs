@@ -143,3 +143,30 @@ fn weights_for_another_architecture_are_refused() {
     assert!(matches!(err, ModelError::Weights { .. }), "{err}");
     assert!(err.to_string().contains("m1-raw-map"), "{err}");
 }
+
+/// The benchmark-only null model: no networks, a score that follows the image, no map; and a
+/// manifest that mixes it with members (or claims to be trained) is refused.
+#[test]
+fn null_model_scores_without_networks_and_is_never_trained() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("null");
+    let m = manifest::load(&dir.join("ensemble.toml")).expect("the null manifest loads");
+    assert!(m.null_model && !m.trained && m.members.is_empty());
+    let e = Ensemble::load(m, &Device::Cpu).unwrap();
+    let size = e.manifest().input_size;
+    let dark = vec![0.1f32; 2 * size * size];
+    let bright = vec![0.9f32; 2 * size * size];
+    let p = e.predict(&[&dark, &bright]).unwrap();
+    assert!((p[0].score - 0.1).abs() < 1e-4 && (p[1].score - 0.9).abs() < 1e-4);
+    assert!(p
+        .iter()
+        .all(|p| p.map.is_none() && p.member_scores.is_empty()));
+
+    let text = std::fs::read_to_string(dir.join("ensemble.toml")).unwrap();
+    let trained = text.replace("trained = false", "trained = true");
+    let err = Manifest::from_toml(&trained, dir.clone()).unwrap_err();
+    assert!(err.to_string().contains("benchmarks only"), "{err}");
+    let member = std::fs::read_to_string(untrained_dir().join("ensemble.toml")).unwrap();
+    let members = &member[member.find("[[members]]").unwrap()..];
+    let err = Manifest::from_toml(&format!("{text}\n{members}"), dir).unwrap_err();
+    assert!(err.to_string().contains("no [[members]]"), "{err}");
+}
