@@ -280,6 +280,7 @@ pub async fn run(
                 producer.as_mut(),
                 ingest_cfg.batch,
                 &done,
+                None,
                 |outcome, bytes| {
                     if matches!(outcome, Outcome::Produced | Outcome::DeadLettered) {
                         ingested += 1;

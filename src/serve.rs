@@ -190,14 +190,35 @@ async fn serve_ingest(
     };
     env.health.set_ready(true);
     if !inputs.is_empty() {
+        // Exactly once across crashes: our producer's start fenced any earlier incarnation and
+        // aborted its open transaction, so what is committed on our output topics now is
+        // exactly what was ingested before; skip those inputs.
+        let done = loop {
+            match ingested_before(env).await {
+                Ok(done) => break done,
+                Err(e) if !env.shutdown.is_set() => {
+                    tracing::warn!(error = %e, "cannot read what was ingested before, retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let report = ingest
-            .run_paths(&inputs, producer.as_mut(), cfg.batch, |_, _| {})
+            .run_paths_resuming(
+                &inputs,
+                producer.as_mut(),
+                cfg.batch,
+                &done,
+                Some(&env.shutdown),
+                |_, _| {},
+            )
             .await?;
         tracing::info!(
             inputs = report.inputs,
             produced = report.produced,
             dead_letters = report.dead_lettered,
             skipped = report.skipped,
+            resumed = report.resumed,
             "ingest finished its inputs"
         );
     }
@@ -206,6 +227,37 @@ async fn serve_ingest(
     shutdown.wait().await;
     producer.close().await?;
     Ok(())
+}
+
+/// The pseudonymous references of every input ingest has already published (a radiograph or a
+/// dead letter), from the committed records of its output topics.
+async fn ingested_before(
+    env: &StageEnv,
+) -> Result<std::collections::HashSet<String>, fracture_shared::bus::BusError> {
+    use fracture_shared::messages::{decode, DeadLetter, Deidentified};
+    let topics = [
+        env.topics.of::<Deidentified>(),
+        env.topics.of::<DeadLetter>(),
+    ];
+    let records = env.bus.read_committed(&topics).await?;
+    let mut done = std::collections::HashSet::new();
+    for r in &records {
+        if r.topic == topics[0] {
+            if let Ok(m) = decode::<Deidentified>(&r.payload) {
+                done.insert(m.id.input);
+            }
+        } else if let Ok(d) = decode::<DeadLetter>(&r.payload) {
+            if d.stage == fracture_ingest::STAGE {
+                done.extend(d.input);
+            }
+        }
+    }
+    tracing::info!(
+        records = records.len(),
+        inputs = done.len(),
+        "read what was ingested before"
+    );
+    Ok(done)
 }
 
 /// `fracture labels import`: pseudonymises the reference reads with the ingest key (so they meet

@@ -53,6 +53,11 @@ impl<T: RecordHandler> Handler for T {
     }
 }
 
+/// The largest message a stage accepts. Messages carry metadata (pixels, tensors and maps travel
+/// through the claim-check store), so anything bigger is a producer's bug or an attack, and it is
+/// dead-lettered before any handler parses it.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 /// Batching of a stage's consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -271,7 +276,24 @@ impl StageRunner {
     ) -> Option<Vec<Result<Vec<Output>, StageError>>> {
         let mut results: Vec<Option<Result<Vec<Output>, StageError>>> = vec![None; batch.len()];
         let mut attempts = vec![0u32; batch.len()];
-        let mut todo: Vec<usize> = (0..batch.len()).collect();
+        let mut todo: Vec<usize> = Vec::with_capacity(batch.len());
+        for (i, r) in batch.iter().enumerate() {
+            if r.payload.len() > MAX_MESSAGE_BYTES {
+                results[i] = Some(Err(StageError::data(format!(
+                    "message of {} bytes on {} is over the {} byte limit: messages carry \
+                     metadata only, pixels, tensors and maps go through the claim-check store; \
+                     fix the producer",
+                    r.payload.len(),
+                    r.topic,
+                    MAX_MESSAGE_BYTES
+                ))));
+            } else {
+                todo.push(i);
+            }
+        }
+        if todo.is_empty() {
+            return Some(results.into_iter().map(|r| r.expect("set above")).collect());
+        }
         loop {
             let sub: Vec<Record> = todo.iter().map(|&i| batch[i].clone()).collect();
             let mut got = handler.handle(&sub).await;
@@ -366,19 +388,6 @@ impl StageEnv {
         let group = format!("{}.{}", self.topics.prefix, stage);
         let instance = format!("{group}.{}", self.instance);
         let input = inputs.join(",");
-        let mut io = loop {
-            match self.bus.consumer(&group, &inputs, &instance).await {
-                Ok(io) => break io,
-                Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
-                    tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-                Err(e) => return Err(StageFailed { stage, source: e }),
-            }
-        };
-        self.health.set_ready(true);
-        self.metrics.ready_gauge.with_label_values(&[stage]).set(1);
-        tracing::info!(stage, topic = %input, "consuming");
         let runner = StageRunner {
             stage,
             topics: self.topics.clone(),
@@ -386,16 +395,56 @@ impl StageEnv {
             retry: self.retry,
             batch,
         };
-        let result = runner
-            .run(io.as_mut(), handler, self.shutdown.clone())
-            .await;
-        self.health.set_ready(false);
-        self.metrics.ready_gauge.with_label_values(&[stage]).set(0);
-        if let Err(e) = io.close().await {
-            tracing::warn!(stage, error = %e, "leaving the group");
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let mut io = loop {
+                match self.bus.consumer(&group, &inputs, &instance).await {
+                    Ok(io) => break io,
+                    Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
+                        tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Err(e) => return Err(StageFailed { stage, source: e }),
+                }
+            };
+            self.health.set_ready(true);
+            self.metrics.ready_gauge.with_label_values(&[stage]).set(1);
+            tracing::info!(stage, topic = %input, "consuming");
+            let started = Instant::now();
+            let result = runner
+                .run(io.as_mut(), handler, self.shutdown.clone())
+                .await;
+            self.health.set_ready(false);
+            self.metrics.ready_gauge.with_label_values(&[stage]).set(0);
+            if let Err(e) = io.close().await {
+                tracing::warn!(stage, error = %e, "leaving the group");
+            }
+            match result {
+                // A dead consumer or producer (fenced, or broken by a broker restart): its
+                // uncommitted batch comes again from the committed offsets, so the stage starts
+                // over with new clients instead of leaving the pod running and idle.
+                Err(e) if !self.shutdown.is_set() => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    tracing::error!(stage, error = %e, retry_in_s = backoff.as_secs(), "the bus failed; starting over with new clients");
+                    let mut stop = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    if self.shutdown.is_set() {
+                        tracing::info!(stage, "stopped");
+                        return Ok(());
+                    }
+                }
+                result => {
+                    tracing::info!(stage, "stopped");
+                    return result;
+                }
+            }
         }
-        tracing::info!(stage, "stopped");
-        result
     }
 }
 

@@ -239,4 +239,38 @@ mod tests {
             Err(StoreError::NotFound(_))
         ));
     }
+
+    /// An outage (here: the store's folder replaced by a file, which stops even root) must read
+    /// as Unavailable, so stages retry and do not commit; NotFound would dead-letter the
+    /// radiograph for good.
+    #[tokio::test]
+    async fn an_outage_is_unavailable_not_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BlobStore::open(&StoreConfig {
+            url: root.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        let kept = store
+            .put(Bytes::from_static(b"before"), "application/octet-stream")
+            .await
+            .unwrap();
+        std::fs::rename(&root, dir.path().join("away")).unwrap();
+        std::fs::write(&root, b"not a folder").unwrap();
+        assert!(matches!(
+            store.get(&kept).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store
+                .put(Bytes::from_static(b"during"), "application/octet-stream")
+                .await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(store.check().await.is_err());
+        std::fs::remove_file(&root).unwrap();
+        std::fs::rename(dir.path().join("away"), &root).unwrap();
+        assert_eq!(&store.get(&kept).await.unwrap()[..], b"before");
+    }
 }

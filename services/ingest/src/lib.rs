@@ -16,9 +16,12 @@ use dicom_object::DefaultDicomObject;
 
 use fracture_shared::bus::{BusError, OutRecord, Producer, Topics};
 use fracture_shared::error::StageError;
-use fracture_shared::messages::{encode, schema, DeadLetter, Deidentified, Message, RadiographId};
+use fracture_shared::messages::{
+    decode, encode, schema, DeadLetter, Deidentified, ErrorKind, Message, RadiographId,
+};
 use fracture_shared::pixels;
 use fracture_shared::region;
+use fracture_shared::stage::Shutdown;
 use fracture_shared::store::BlobStore;
 use fracture_shared::telemetry;
 
@@ -305,13 +308,18 @@ impl Ingest {
                 )
             }
             Err(e) => {
-                if let Some(dir) = &self.policy.quarantine {
+                // An outage of the store or the linkage table is not the input's fault: it is
+                // not quarantined, and the caller retries it (see `process_retrying`).
+                if let (Some(dir), false) = (&self.policy.quarantine, e.kind == ErrorKind::External)
+                {
                     if let Err(q) = quarantine(dir, &input, path) {
                         tracing::error!(input = %input, error = %q, "cannot quarantine a refused input");
                     }
                 }
                 tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
-                if let Err(le) = link_only(&self.linkage) {
+                if e.kind == ErrorKind::External {
+                    // Not the input's fault; retried by the caller, linked when it lands.
+                } else if let Err(le) = link_only(&self.linkage) {
                     tracing::error!(error = %le, "cannot write the linkage table");
                 }
                 let mut r = self.dead_letter(&input, e);
@@ -343,24 +351,64 @@ impl Ingest {
             producer,
             batch,
             &std::collections::HashSet::new(),
+            None,
             progress,
         )
         .await
     }
 
+    /// Like [`Ingest::process`], but an input that failed for an external reason (the store or
+    /// the linkage table unavailable) is tried again with capped backoff instead of becoming a
+    /// dead letter. `None` when `stop` was set while waiting.
+    pub async fn process_retrying(
+        &self,
+        item: &Input,
+        stop: Option<&Shutdown>,
+    ) -> Option<(Outcome, Option<OutRecord>, u64)> {
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            let got = self.process(item).await;
+            let external = matches!(&got, (Outcome::DeadLettered, Some(r), _)
+                if decode::<DeadLetter>(&r.payload).is_ok_and(|d| d.kind == ErrorKind::External));
+            if !external {
+                return Some(got);
+            }
+            tracing::warn!(
+                retry_in_ms = delay.as_millis() as u64,
+                "ingest cannot store an input now, retrying"
+            );
+            match stop {
+                Some(s) => {
+                    let mut s = s.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = s.wait() => return None,
+                    }
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        }
+    }
+
     /// Like [`Ingest::run_paths`], skipping the inputs in `done` (their references, see
-    /// [`Ingest::input_id`]): a resumed back-scan sends nothing twice.
+    /// [`Ingest::input_id`]): a resumed back-scan sends nothing twice. When `stop` is set, it
+    /// sends what it has and returns between inputs (what is left is for the next run).
     pub async fn run_paths_resuming(
         &self,
         paths: &[PathBuf],
         producer: &mut dyn Producer,
         batch: usize,
         done: &std::collections::HashSet<String>,
+        stop: Option<&Shutdown>,
         mut progress: impl FnMut(Outcome, u64),
     ) -> Result<IngestReport, BusError> {
         let mut report = IngestReport::default();
         let mut pending: Vec<OutRecord> = Vec::new();
         for item in walk(paths) {
+            if stop.is_some_and(Shutdown::is_set) {
+                break;
+            }
             let finished = match &item {
                 Input::File(p) | Input::Unreadable(p, _) => done.contains(&self.input_id(p)),
                 Input::Skipped(_) => false,
@@ -368,7 +416,10 @@ impl Ingest {
             let (outcome, record, bytes) = if finished {
                 (Outcome::Resumed, None, 0)
             } else {
-                self.process(&item).await
+                match self.process_retrying(&item, stop).await {
+                    Some(got) => got,
+                    None => break,
+                }
             };
             match outcome {
                 Outcome::Resumed => report.resumed += 1,

@@ -89,7 +89,7 @@ fn declared_burned_in_text_without_a_rule_is_refused_and_other_devices_pass() {
         model: String::new(),
         rectangles: vec![[0, 0, 10, 10]],
     };
-    let e = apply(&mut obj, &[other.clone()]).unwrap_err();
+    let e = apply(&mut obj, std::slice::from_ref(&other)).unwrap_err();
     assert!(
         e.message.starts_with("quarantined:") && e.message.contains("[[ingest.burned_in]]"),
         "{e}"

@@ -40,6 +40,13 @@ pub struct KafkaConfig {
     pub max_poll_interval_ms: u64,
     /// Heartbeat-based failure detection, in milliseconds.
     pub session_timeout_ms: u64,
+    /// Static group membership (KIP-345): a replica rejoins under its instance name, so a
+    /// container restarted in the same pod gets its partitions back at once instead of after a
+    /// rebalance that waits out the dead member's session. Off by default: pods replaced by a
+    /// rollout have new names and gain nothing, a replica gone for good holds its partitions
+    /// for `session_timeout_ms`, and after a broker restart librdkafka can find itself fenced
+    /// by its own earlier membership (the stage then rebuilds its consumer).
+    pub static_membership: bool,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed as they are.
     pub extra: BTreeMap<String, String>,
 }
@@ -55,6 +62,7 @@ impl Default for KafkaConfig {
             transaction_timeout_ms: 60_000,
             max_poll_interval_ms: 600_000,
             session_timeout_ms: 10_000,
+            static_membership: false,
             extra: BTreeMap::new(),
         }
     }
@@ -201,30 +209,79 @@ fn transact(
     offsets: Option<(&TopicPartitionList, &BaseConsumer<GenerationContext>)>,
     timeout: Duration,
 ) -> Result<(), BusError> {
-    producer.begin_transaction().map_err(classify)?;
+    retrying("begin_transaction", || producer.begin_transaction())?;
     let result = (|| {
         produce_all(producer, outputs, Instant::now() + timeout)?;
         if let Some((tpl, consumer)) = offsets {
             let meta = consumer.group_metadata().ok_or_else(|| {
                 BusError::Aborted("consumer has no group metadata (not in a group yet)".into())
             })?;
-            producer
-                .send_offsets_to_transaction(tpl, &meta, timeout)
-                .map_err(classify)?;
+            retrying("send_offsets_to_transaction", || {
+                producer.send_offsets_to_transaction(tpl, &meta, timeout)
+            })?;
         }
-        producer.commit_transaction(timeout).map_err(classify)
+        // A commit that timed out may still land (the broker may have it): it must be retried
+        // until it answers, never aborted and re-sent, or the batch would be published twice.
+        retrying("commit_transaction", || {
+            producer.commit_transaction(timeout)
+        })
     })();
     match result {
         Ok(()) => Ok(()),
         Err(BusError::Fatal(m)) => Err(BusError::Fatal(m)),
         Err(e) => {
-            // Abortable, or we do not know whether the commit landed: abort, and the caller
-            // re-delivers from the committed offsets. An abort that itself fails is fatal.
-            producer
-                .abort_transaction(timeout)
+            // Abortable: abort, and the caller re-delivers from the committed offsets. An abort
+            // that itself fails for good is fatal.
+            retrying("abort_transaction", || producer.abort_transaction(timeout))
                 .map_err(|a| BusError::Fatal(format!("{e}; abort also failed: {a}")))?;
             Err(BusError::Aborted(e.to_string()))
         }
+    }
+}
+
+/// Repeats a transactional call while librdkafka says it may be retried (the broker is away or
+/// the call timed out); librdkafka keeps the transaction's state meanwhile, so the retry resumes
+/// it. Abortable and fatal errors come back at once.
+fn retrying<T>(
+    what: &str,
+    mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> Result<T, BusError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match call() {
+            Ok(v) => return Ok(v),
+            Err(KafkaError::Transaction(t))
+                if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal() =>
+            {
+                tracing::warn!(error = %t, "{what} did not answer, retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(classify(e)),
+        }
+    }
+}
+
+/// An owned copy of a consumed Kafka message.
+fn to_record<M: rdkafka::message::Message>(m: &M) -> Record {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|h| {
+                    h.value
+                        .map(|v| (h.key.to_string(), String::from_utf8_lossy(v).into_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        headers,
     }
 }
 
@@ -263,6 +320,9 @@ impl Bus for KafkaBus {
                 "heartbeat.interval.ms",
                 (self.cfg.session_timeout_ms / 3).max(100).to_string(),
             );
+        if self.cfg.static_membership {
+            c.set("group.instance.id", instance);
+        }
         let consumer: BaseConsumer<GenerationContext> = c
             .create_with_context(GenerationContext::default())
             .map_err(|e| BusError::Fatal(format!("cannot create consumer: {e}")))?;
@@ -326,6 +386,86 @@ impl Bus for KafkaBus {
             }
         }
         Ok(())
+    }
+
+    async fn read_committed(&self, topics: &[String]) -> Result<Vec<Record>, BusError> {
+        // No group: the partitions are assigned by hand and nothing is committed.
+        let mut c = self.base();
+        c.set("group.id", "fracture-read-committed")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "false");
+        let consumer: BaseConsumer = c
+            .create()
+            .map_err(|e| BusError::Fatal(format!("cannot create consumer: {e}")))?;
+        let topics = topics.to_vec();
+        let timeout = self.timeout();
+        blocking(move || {
+            let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+            let mut tpl = TopicPartitionList::new();
+            for t in &topics {
+                let md = consumer
+                    .fetch_metadata(Some(t), timeout)
+                    .map_err(classify)?;
+                for mt in md.topics() {
+                    if let Some(e) = mt.error() {
+                        return Err(BusError::UnknownTopic(format!("{t}: {e:?}")));
+                    }
+                    for p in mt.partitions() {
+                        let (low, high) = consumer
+                            .fetch_watermarks(t, p.id(), timeout)
+                            .map_err(classify)?;
+                        if high > low {
+                            ends.insert((t.clone(), p.id()), high);
+                            tpl.add_partition_offset(t, p.id(), Offset::Offset(low))
+                                .map_err(classify)?;
+                        }
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            if ends.is_empty() {
+                return Ok(out);
+            }
+            consumer.assign(&tpl).map_err(classify)?;
+            // Read until every partition's position passes the end it had when we started. The
+            // position moves over aborted records and transaction markers too, but never past an
+            // open transaction: wait for it, up to a bound.
+            let deadline = Instant::now() + timeout.max(Duration::from_secs(60));
+            loop {
+                let positions = consumer.position().map_err(classify)?;
+                let pending = ends.iter().any(|((t, p), &end)| {
+                    match positions.find_partition(t, *p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o < end,
+                        _ => true,
+                    }
+                });
+                if !pending {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(BusError::Unavailable(
+                        "reading the committed records did not reach the end of the topics: \
+                         an open transaction may be holding them; try again"
+                            .into(),
+                    ));
+                }
+                match consumer.poll(Duration::from_millis(200)) {
+                    None => {}
+                    Some(Err(e)) => tracing::warn!(error = %e, "kafka poll"),
+                    Some(Ok(m))
+                        if ends
+                            .get(&(m.topic().to_string(), m.partition()))
+                            .is_some_and(|&end| m.offset() < end) =>
+                    {
+                        out.push(to_record(&m));
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 
@@ -403,31 +543,14 @@ impl StageIo for KafkaStageIo {
                 }
                 match polled {
                     None => {}
+                    // The consumer is dead (e.g. fenced): its records must not be committed and
+                    // it will deliver no more; the stage makes a new one.
+                    Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                        return Err(BusError::Fatal(format!("kafka consumer: {e}")));
+                    }
                     Some(Err(e)) => tracing::warn!(error = %e, "kafka poll"),
                     Some(Ok(m)) => {
-                        let headers = m
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .filter_map(|h| {
-                                        h.value.map(|v| {
-                                            (
-                                                h.key.to_string(),
-                                                String::from_utf8_lossy(v).into_owned(),
-                                            )
-                                        })
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        out.push(Record {
-                            topic: m.topic().to_string(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                            payload: m.payload().unwrap_or_default().to_vec(),
-                            headers,
-                        });
+                        out.push(to_record(&m));
                         if deadline == first_deadline {
                             deadline = Instant::now() + linger;
                         }

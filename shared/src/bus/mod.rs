@@ -122,6 +122,11 @@ pub trait Bus: Send + Sync {
 
     /// Creates topics that do not exist yet; existing ones are left as they are.
     async fn create_topics(&self, topics: &[String], partitions: i32) -> Result<(), BusError>;
+
+    /// Every committed record on `topics` from the start up to their ends as of the call, in
+    /// offset order per partition; no consumer group, nothing committed. How a source stage
+    /// learns, after a crash, what its committed transactions already published.
+    async fn read_committed(&self, topics: &[String]) -> Result<Vec<Record>, BusError>;
 }
 
 /// One consumer-group member with its transactional producer.

@@ -1,0 +1,494 @@
+//! What happens when things break: the five `fracture serve` processes on a real broker while
+//! stages are SIGKILLed at random, poison messages arrive, the broker restarts, and the
+//! claim-check store goes away for a while. Afterwards a read-committed reader must find every
+//! input exactly once (a finding, or a dead letter for an input that deserves one) and the audit
+//! database one row per radiograph.
+//!
+//! Sizes are set for CI; `scripts/chaos.sh` runs the full kill run (1,000 radiographs, 20 kills)
+//! through the same test with `FRACTURE_CHAOS_INPUTS` and `FRACTURE_CHAOS_KILLS`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pipeline::{self, Pipeline, RunConfig};
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, OutRecord, Record, Topics};
+use fracture_shared::messages::{decode, DeadLetter, Finding};
+use fracture_shared::testkit;
+use rand::{Rng, SeedableRng};
+
+/// The runs take turns: each is five processes, and two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A run's inputs: phantoms that must each give one finding, and broken files that must each
+/// give one dead letter.
+struct Inputs {
+    dir: PathBuf,
+    good: Vec<PathBuf>,
+    bad: Vec<PathBuf>,
+}
+
+fn inputs(dir: &Path, n: usize, seed: u64) -> Inputs {
+    let good = pipeline::phantoms(dir, n, seed);
+    let bad = vec![
+        dir.join("broken/empty.dcm"),
+        dir.join("broken/truncated.dcm"),
+    ];
+    std::fs::create_dir_all(dir.join("broken")).unwrap();
+    std::fs::write(&bad[0], b"").unwrap();
+    let bytes = std::fs::read(&good[0]).unwrap();
+    std::fs::write(&bad[1], &bytes[..bytes.len() / 3]).unwrap();
+    Inputs {
+        dir: dir.to_path_buf(),
+        good,
+        bad,
+    }
+}
+
+/// A run on `brokers` with the null model (the stages' own work, no network in the way).
+fn run(work: &Path, brokers: &str, prefix: &str, inputs: &Inputs) -> Pipeline {
+    let key = work.join("deid.key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let dir = work.join("run");
+    let manifest = pipeline::repo().join("models/null/ensemble.toml");
+    let cfg = pipeline::write_config(
+        &dir,
+        &RunConfig {
+            brokers,
+            prefix,
+            key: &key,
+            otlp: "",
+            manifest: &manifest,
+            extra: "",
+        },
+    );
+    Pipeline::new(&dir, &cfg, std::slice::from_ref(&inputs.dir))
+}
+
+/// The exactly-once check: per input, how many findings and dead letters the committed outputs
+/// hold. Panics with the counts (and the logs) on any input lost or duplicated.
+struct Tally {
+    findings: usize,
+    dead_letters: usize,
+    duplicates: usize,
+    lost: usize,
+}
+
+fn tally(p: &Pipeline, inputs: &Inputs, outputs: &[Record], ignore_keys: &str) -> Tally {
+    let link = pipeline::linkage(&p.dir);
+    let mut per_source: BTreeMap<PathBuf, (usize, usize)> = BTreeMap::new();
+    let (mut findings, mut dead_letters, mut stray) = (0, 0, Vec::new());
+    for r in outputs {
+        if r.key.as_deref().is_some_and(|k| k.starts_with(ignore_keys)) {
+            continue;
+        }
+        let input = if r.topic.ends_with(".findings") {
+            findings += 1;
+            decode::<Finding>(&r.payload).unwrap().id.input
+        } else {
+            dead_letters += 1;
+            match decode::<DeadLetter>(&r.payload).unwrap() {
+                DeadLetter { input: Some(i), .. } => i,
+                d => {
+                    stray.push(format!("{d:?}"));
+                    continue;
+                }
+            }
+        };
+        match link.get(&input) {
+            Some(src) => {
+                let e = per_source.entry(src.clone()).or_default();
+                if r.topic.ends_with(".findings") {
+                    e.0 += 1;
+                } else {
+                    e.1 += 1;
+                }
+            }
+            None => stray.push(format!("output for unknown input {input}")),
+        }
+    }
+    assert!(
+        stray.is_empty(),
+        "outputs that belong to no input: {stray:#?}"
+    );
+    let (mut duplicates, mut lost, mut wrong) = (0, 0, Vec::new());
+    for (src, want_finding) in inputs
+        .good
+        .iter()
+        .map(|g| (g, true))
+        .chain(inputs.bad.iter().map(|b| (b, false)))
+    {
+        let (f, d) = per_source.get(src).copied().unwrap_or_default();
+        let total = f + d;
+        if total == 0 {
+            lost += 1;
+        }
+        duplicates += total.saturating_sub(1);
+        if total > 0 && (f > 0) != want_finding {
+            wrong.push(format!(
+                "{}: {f} finding(s), {d} dead letter(s)",
+                src.display()
+            ));
+        }
+    }
+    let t = Tally {
+        findings,
+        dead_letters,
+        duplicates,
+        lost,
+    };
+    eprintln!(
+        "exactly-once check: inputs {} ({} good, {} broken), findings {}, dead letters {}, \
+         duplicates {}, lost {}",
+        inputs.good.len() + inputs.bad.len(),
+        inputs.good.len(),
+        inputs.bad.len(),
+        t.findings,
+        t.dead_letters,
+        t.duplicates,
+        t.lost
+    );
+    assert!(
+        wrong.is_empty(),
+        "inputs with the wrong outcome (a good radiograph dead-lettered means one was lost to \
+         the fault): {wrong:#?}\n{}",
+        p.logs()
+    );
+    assert_eq!((t.duplicates, t.lost), (0, 0), "{}", p.logs());
+    t
+}
+
+/// Waits until the audit database holds `want` findings, and checks it never holds more.
+async fn audit_rows(p: &Pipeline, want: i64) -> i64 {
+    let url = format!("sqlite://{}", p.dir.join("audit.db").display());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(db) = fracture_audit::AuditDb::open(&url).await {
+            let n = db.count().await.unwrap_or(0);
+            db.close().await;
+            if n >= want || Instant::now() > deadline {
+                return n;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn kafka(brokers: &str) -> KafkaBus {
+    KafkaBus::new(KafkaConfig {
+        brokers: brokers.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Malformed, wrong-schema and oversized messages on every topic a stage consumes.
+async fn poison(bus: &KafkaBus, topics: &Topics) -> Vec<(String, String)> {
+    bus.create_topics(&topics.all(), 3).await.unwrap();
+    let mut records = Vec::new();
+    let mut expected = Vec::new();
+    for t in [
+        "deidentified",
+        "preprocessed",
+        "scored",
+        "findings",
+        "labels",
+    ] {
+        for (kind, payload) in [
+            ("garbage", b"\x00\x01 not json at all {{{".to_vec()),
+            (
+                "schema",
+                br#"{"schema":"fracture.somethingelse/v9","hello":1}"#.to_vec(),
+            ),
+            ("oversized", {
+                let mut v = br#"{"schema":"x","pad":""#.to_vec();
+                v.extend(std::iter::repeat_n(b'a', 300 * 1024));
+                v.extend(br#""}"#);
+                v
+            }),
+        ] {
+            let key = format!("poison-{t}-{kind}");
+            records.push(OutRecord {
+                topic: topics.name(t),
+                key: key.clone(),
+                payload,
+                headers: vec![],
+            });
+            expected.push((key, topics.name(t)));
+        }
+    }
+    let mut p = bus.producer("chaos-poisoner").await.unwrap();
+    p.send(records).await.unwrap();
+    p.close().await.unwrap();
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_sigkills_and_poison_lose_and_duplicate_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let n = env_or("FRACTURE_CHAOS_INPUTS", 60) as usize;
+    let kills = env_or("FRACTURE_CHAOS_KILLS", 6);
+    let seed = env_or("FRACTURE_CHAOS_SEED", rand::rng().random());
+    eprintln!("chaos: {n} radiographs, {kills} kills, seed {seed} (FRACTURE_CHAOS_SEED)");
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let inputs = inputs(&work.join("inputs"), n, seed % 1000);
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("chaos");
+    let topics = Topics::new(&prefix);
+    let bus = kafka(&brokers);
+    let poisoned = poison(&bus, &topics).await;
+
+    let mut p = run(work, &brokers, &prefix, &inputs);
+    p.start_all();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut killed: BTreeMap<&str, u32> = BTreeMap::new();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
+        let stage = pipeline::STAGES[rng.random_range(0..pipeline::STAGES.len())];
+        p.kill(stage);
+        *killed.entry(stage).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
+        p.start(stage);
+    }
+    eprintln!(
+        "kills done after {:.1} s: {killed:?}",
+        started.elapsed().as_secs_f64()
+    );
+
+    let want = inputs.good.len() + inputs.bad.len() + poisoned.len();
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(600)).await;
+    eprintln!(
+        "outputs complete {:.1} s after the start",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Every poison message became exactly one dead letter naming its topic, from the stage that
+    // consumes it; the stages kept going (the radiographs below all arrived).
+    let mut poison_letters: HashMap<String, Vec<DeadLetter>> = HashMap::new();
+    for r in out.iter().filter(|r| r.topic.ends_with(".dead-letter")) {
+        if let Some(k) = r.key.as_deref().filter(|k| k.starts_with("poison-")) {
+            poison_letters
+                .entry(k.to_string())
+                .or_default()
+                .push(decode(&r.payload).unwrap());
+        }
+    }
+    for (key, topic) in &poisoned {
+        let letters = poison_letters.get(key).cloned().unwrap_or_default();
+        assert_eq!(letters.len(), 1, "{key}: one dead letter\n{}", p.logs());
+        let d = &letters[0];
+        assert_eq!(d.origin.as_ref().map(|o| o.topic.as_str()), Some(&**topic));
+        if key.ends_with("oversized") {
+            assert!(d.reason.contains("over the"), "{key}: {}", d.reason);
+        } else {
+            assert!(!d.reason.is_empty());
+        }
+    }
+
+    let t = tally(&p, &inputs, &out, "poison-");
+    assert_eq!(t.findings, inputs.good.len());
+    let rows = audit_rows(&p, inputs.good.len() as i64).await;
+    assert_eq!(
+        rows,
+        inputs.good.len() as i64,
+        "one audit row per radiograph"
+    );
+    let failures = p.stop();
+    assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
+    eprintln!(
+        "kill run: inputs {}, findings {}, dead letters {} (+{} poison), duplicates {}, lost {}, \
+         audit rows {rows}, kills {killed:?}",
+        inputs.good.len() + inputs.bad.len(),
+        t.findings,
+        t.dead_letters,
+        poisoned.len(),
+        t.duplicates,
+        t.lost
+    );
+}
+
+/// Waits until at least `n` findings are committed, so a fault lands mid-run.
+async fn until_findings(bus: &KafkaBus, topics: &Topics, n: usize, p: &Pipeline) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let got = bus
+            .read_committed(&[topics.name("findings")])
+            .await
+            .map(|r| r.len())
+            .unwrap_or(0);
+        if got >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress before the fault\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn broker_restart(signal: &str) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let script = pipeline::repo().join("scripts/kafka.sh");
+    let kdir = work.join("kafka");
+    let start_broker = || {
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&kdir)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let brokers = start_broker();
+    let inputs = inputs(&work.join("inputs"), 40, 7);
+    let prefix = testkit::unique_prefix("restart");
+    let topics = Topics::new(&prefix);
+    let bus = kafka(&brokers);
+    let mut p = run(work, &brokers, &prefix, &inputs);
+    p.start_all();
+    until_findings(&bus, &topics, 5, &p).await;
+
+    let pid = std::fs::read_to_string(kdir.join("kafka.pid")).unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.trim())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Wait for the broker to be gone, leave it down a while, start it again on the same ports
+    // and data.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new("kill")
+        .arg("-0")
+        .arg(pid.trim())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the broker did not stop");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = start_broker();
+    assert_eq!(again, brokers, "the broker came back on its address");
+
+    let want = inputs.good.len() + inputs.bad.len();
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(300)).await;
+    for s in pipeline::STAGES {
+        assert!(
+            p.is_running(s),
+            "{s} gave up instead of reconnecting\n{}",
+            p.logs()
+        );
+    }
+    let t = tally(&p, &inputs, &out, "\u{0}");
+    assert_eq!(t.findings, inputs.good.len());
+    let rows = audit_rows(&p, inputs.good.len() as i64).await;
+    assert_eq!(
+        rows,
+        inputs.good.len() as i64,
+        "one audit row per radiograph"
+    );
+    let failures = p.stop();
+    assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
+    let _ = Command::new("bash")
+        .arg(&script)
+        .arg("stop")
+        .arg(&kdir)
+        .status();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_stopped_mid_run_is_survived() {
+    broker_restart("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_killed_mid_run_is_survived() {
+    broker_restart("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_outage_delays_but_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let inputs = inputs(&work.join("inputs"), 40, 11);
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("outage");
+    let topics = Topics::new(&prefix);
+    let bus = kafka(&brokers);
+    let mut p = run(work, &brokers, &prefix, &inputs);
+    p.start_all();
+    until_findings(&bus, &topics, 3, &p).await;
+
+    // The store's folder replaced by a file: every read and write fails, even as root.
+    let store = p.dir.join("store");
+    let away = p.dir.join("store.away");
+    std::fs::rename(&store, &away).unwrap();
+    std::fs::write(&store, b"the claim-check store is down").unwrap();
+    let during = bus
+        .read_committed(&[topics.name("findings")])
+        .await
+        .unwrap()
+        .len();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after_outage = bus
+        .read_committed(&[topics.name("findings")])
+        .await
+        .unwrap()
+        .len();
+    std::fs::remove_file(&store).unwrap();
+    std::fs::rename(&away, &store).unwrap();
+    eprintln!("findings: {during} when the store went down, {after_outage} 8 s later");
+
+    let want = inputs.good.len() + inputs.bad.len();
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(300)).await;
+    let t = tally(&p, &inputs, &out, "\u{0}");
+    assert_eq!(t.findings, inputs.good.len());
+    assert_eq!(
+        t.dead_letters,
+        inputs.bad.len(),
+        "the outage dead-lettered nothing"
+    );
+    let retried: Vec<&str> = pipeline::STAGES
+        .into_iter()
+        .filter(|s| p.log(s).contains("retrying"))
+        .collect();
+    assert!(
+        !retried.is_empty(),
+        "stages retried while the store was down\n{}",
+        p.logs()
+    );
+    eprintln!("stages that waited out the outage: {retried:?}");
+    let failures = p.stop();
+    assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
+}

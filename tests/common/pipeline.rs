@@ -1,0 +1,321 @@
+//! The five `fracture serve` processes on a broker, as the end-to-end, chaos and load runs start,
+//! kill, restart and stop them; with an in-process OTLP receiver and a reader of the outputs.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fracture_shared::bus::{Bus, KafkaBus, Record, Topics};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_fracture");
+pub const STAGES: [&str; 5] = ["ingest", "preprocess", "ensemble", "postprocess", "audit"];
+
+/// What goes into the `fracture.toml` of a run.
+pub struct RunConfig<'a> {
+    pub brokers: &'a str,
+    pub prefix: &'a str,
+    pub key: &'a Path,
+    /// OTLP/HTTP endpoint, or empty.
+    pub otlp: &'a str,
+    /// `models/<name>/ensemble.toml`.
+    pub manifest: &'a Path,
+    /// More TOML, appended as it is (sections not written above).
+    pub extra: &'a str,
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes `dir/fracture.toml` (store, linkage, quarantine and audit database inside `dir`).
+pub fn write_config(dir: &Path, c: &RunConfig<'_>) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("fracture.toml");
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+partitions = 3
+[store]
+url = "{store}"
+[ingest]
+key_file = "{key}"
+linkage = "{linkage}"
+site_code = "E2E"
+quarantine = "{quarantine}"
+[audit]
+database = "sqlite://{db}"
+dashboard_addr = "127.0.0.1:0"
+[telemetry]
+metrics_addr = "127.0.0.1:0"
+log = "info"
+otlp_endpoint = "{otlp}"
+[model]
+manifest = "{manifest}"
+{extra}
+"#,
+        brokers = c.brokers,
+        prefix = c.prefix,
+        store = dir.join("store").display(),
+        key = c.key.display(),
+        linkage = dir.join("linkage.csv").display(),
+        quarantine = dir.join("quarantine").display(),
+        db = dir.join("audit.db").display(),
+        otlp = c.otlp,
+        manifest = c.manifest.display(),
+        extra = c.extra,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// The stage processes of one run; every one is SIGKILLed when this is dropped, even if the test
+/// panics. Each stage logs to `dir/<stage>.log`, appended across restarts.
+pub struct Pipeline {
+    pub dir: PathBuf,
+    pub cfg: PathBuf,
+    /// What `serve ingest` back-scans.
+    pub inputs: Vec<PathBuf>,
+    procs: BTreeMap<String, Child>,
+}
+
+impl Pipeline {
+    pub fn new(dir: &Path, cfg: &Path, inputs: &[PathBuf]) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            cfg: cfg.to_path_buf(),
+            inputs: inputs.to_vec(),
+            procs: BTreeMap::new(),
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        // Downstream first, so the first radiographs find their consumers joined.
+        for s in STAGES.iter().rev() {
+            self.start(s);
+        }
+    }
+
+    /// Starts `stage` under its stable instance name (its transactional id and static group
+    /// member id), as a restarted pod would.
+    pub fn start(&mut self, stage: &str) {
+        assert!(
+            !self.procs.contains_key(stage),
+            "{stage} is already running"
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{stage}.log")))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.cfg)
+            .arg("serve")
+            .arg(stage)
+            .arg("--instance")
+            .arg("run-0")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if stage == "ingest" {
+            cmd.args(&self.inputs);
+        }
+        let child = cmd.spawn().expect("start fracture serve");
+        self.procs.insert(stage.to_string(), child);
+    }
+
+    /// SIGKILL: no chance to abort the open transaction, flush or leave the group.
+    pub fn kill(&mut self, stage: &str) {
+        if let Some(mut c) = self.procs.remove(stage) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self, stage: &str) -> bool {
+        self.procs
+            .get_mut(stage)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM every stage and wait for clean exits; returns the stages that did not manage.
+    pub fn stop(&mut self) -> Vec<String> {
+        let mut bad = Vec::new();
+        for c in self.procs.values() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        for (name, c) in &mut self.procs {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) if s.success() => break,
+                    Ok(Some(s)) => {
+                        bad.push(format!("{name} exited with {s}"));
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        bad.push(format!("{name} did not stop within 30 s of SIGTERM"));
+                        break;
+                    }
+                }
+            }
+        }
+        self.procs.clear();
+        bad
+    }
+
+    /// One stage's whole log, across its restarts.
+    pub fn log(&self, stage: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default()
+    }
+
+    /// The end of every stage's log, for a failure message.
+    pub fn logs(&self) -> String {
+        STAGES
+            .iter()
+            .map(|s| {
+                let text =
+                    std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
+                // The tail is what explains a failure; whole logs of a long run drown it.
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {s} (last 40 lines)\n{}", tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for c in self.procs.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One span as an OTLP/HTTP exporter posted it.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: String,
+    pub name: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// An in-process OTLP/HTTP receiver: keeps every span posted to `/v1/traces`.
+pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
+    let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+    let keep = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let nanos = |x: &serde_json::Value| {
+                    x.as_str()
+                        .and_then(|s| s.parse().ok())
+                        .or_else(|| x.as_u64())
+                        .unwrap_or(0)
+                };
+                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        for sp in ss["spans"].as_array().into_iter().flatten() {
+                            keep.lock().unwrap().push(Span {
+                                trace_id: sp["traceId"].as_str().unwrap_or("").to_string(),
+                                name: sp["name"].as_str().unwrap_or("").to_string(),
+                                start_ns: nanos(&sp["startTimeUnixNano"]),
+                                end_ns: nanos(&sp["endTimeUnixNano"]),
+                            });
+                        }
+                    }
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), spans)
+}
+
+/// Reads the committed records of `fracture.findings` and `fracture.dead-letter` until at least
+/// `want` are there (or `patience` passed), then once more after a pause to catch extras.
+pub async fn committed_outputs(
+    bus: &KafkaBus,
+    topics: &Topics,
+    want: usize,
+    patience: Duration,
+) -> Vec<Record> {
+    let names = [topics.name("findings"), topics.name("dead-letter")];
+    let deadline = Instant::now() + patience;
+    loop {
+        match bus.read_committed(&names).await {
+            Ok(got) if got.len() >= want || Instant::now() > deadline => break,
+            Ok(_) => {}
+            Err(e) if Instant::now() > deadline => panic!("cannot read the outputs: {e}"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bus.read_committed(&names)
+        .await
+        .expect("read the outputs once more")
+}
+
+/// `n` small synthetic phantoms (256 to 320 pixels a side) in `dir`, by the real
+/// `fracture phantoms`.
+pub fn phantoms(dir: &Path, n: usize, seed: u64) -> Vec<PathBuf> {
+    let out = Command::new(BIN)
+        .args([
+            "phantoms",
+            "--count",
+            &n.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .args(["--min-side", "256", "--max-side", "320", "--out"])
+        .arg(dir)
+        .output()
+        .expect("run fracture phantoms");
+    assert!(
+        out.status.success(),
+        "fracture phantoms failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), n, "phantoms written");
+    files
+}
+
+/// The input reference -> source path map the edge's linkage table keeps.
+pub fn linkage(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
+    std::fs::read_to_string(dir.join("linkage.csv"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            Some((f.next()?.to_string(), PathBuf::from(f.next()?)))
+        })
+        .collect()
+}
