@@ -1,9 +1,88 @@
 //! `report.html`: one self-contained page (no external assets, opens offline) summarising a scan.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use fracture_audit::RegionCount;
 use fracture_models::Manifest;
+use fracture_shared::messages::{schema, Finding, RadiographId, StudySummary};
 
 use crate::scan::{DeadLetterLine, FindingLine, ScanSummary};
+
+/// Longest side of an overlay thumbnail, in pixels.
+pub const THUMBNAIL_SIDE: usize = 320;
+/// Most thumbnails in one report (positives first), so a back-scan's report stays openable.
+pub const MAX_THUMBNAILS: usize = 500;
+
+/// What the report shows beside the findings: overlay thumbnails and study summaries.
+#[derive(Debug, Default)]
+pub struct Views {
+    /// PNG bytes by (pseudonymised) SOP Instance UID.
+    pub thumbnails: HashMap<String, Vec<u8>>,
+    pub studies: Vec<StudySummary>,
+}
+
+/// A study is positive when any of its radiographs is (the findings of a whole scan, at once).
+pub fn study_summaries(findings: &[FindingLine]) -> Vec<StudySummary> {
+    let as_findings: Vec<Finding> = findings
+        .iter()
+        .map(|f| Finding {
+            schema: schema::FINDING.into(),
+            id: RadiographId {
+                input: f.input.clone(),
+                study_instance_uid: f.study_instance_uid.clone(),
+                series_instance_uid: f.series_instance_uid.clone(),
+                sop_instance_uid: f.sop_instance_uid.clone(),
+            },
+            site: f.site.clone(),
+            region: f.region.clone(),
+            score: f.score,
+            threshold: f.threshold,
+            fracture: f.fracture,
+            boxes: vec![],
+            model_version: f.model_version.clone(),
+            model_trained: f.model_trained,
+            sr: None,
+            sc: None,
+        })
+        .collect();
+    fracture_postprocess::study::summarise(&as_findings)
+}
+
+/// Thumbnails of the Secondary Captures the scan wrote under `out`, positives first, at most
+/// [`MAX_THUMBNAILS`]. A file that cannot be read is left out (the table still lists it).
+pub fn thumbnails(out: &Path, findings: &[FindingLine]) -> HashMap<String, Vec<u8>> {
+    let mut with_sc: Vec<&FindingLine> = findings.iter().filter(|f| f.sc.is_some()).collect();
+    with_sc.sort_by_key(|f| !f.fracture);
+    with_sc
+        .into_iter()
+        .take(MAX_THUMBNAILS)
+        .filter_map(|f| {
+            let bytes = std::fs::read(out.join(f.sc.as_deref()?)).ok()?;
+            let png = fracture_postprocess::sc::thumbnail_png(&bytes, THUMBNAIL_SIDE).ok()?;
+            Some((f.sop_instance_uid.clone(), png))
+        })
+        .collect()
+}
+
+/// Standard base64 (RFC 4648, with padding), for data URIs.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -19,10 +98,11 @@ pub fn html(
     regions: &[RegionCount],
     s: &ScanSummary,
     evaluation: Option<&fracture_audit::evaluate::Evaluation>,
+    views: &Views,
 ) -> String {
     let mut h = String::new();
     h.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fracture scan report</title><style>");
-    h.push_str("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}th{background:#f3f3f3}.warn{background:#fff3cd;border:2px solid #e0a800;padding:1em;font-weight:bold}.pos{color:#b00;font-weight:bold}.num{text-align:right;font-variant-numeric:tabular-nums}");
+    h.push_str("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}th{background:#f3f3f3}.warn{background:#fff3cd;border:2px solid #e0a800;padding:1em;font-weight:bold}.pos{color:#b00;font-weight:bold}.num{text-align:right;font-variant-numeric:tabular-nums}img.overlay{max-width:320px;max-height:320px;display:block}");
     h.push_str("</style></head><body>");
     h.push_str("<h1>Fracture detection: scan report</h1>");
     h.push_str("<p class=\"warn\">AI result, not a diagnosis.");
@@ -51,21 +131,70 @@ pub fn html(
             r.positive
         ));
     }
-    h.push_str("</table><h2>Radiographs</h2><table><tr><th>SOP Instance UID (pseudonym)</th><th>region</th><th>score</th><th>threshold</th><th>call</th><th>boxes (original pixels)</th></tr>");
+    h.push_str("</table>");
+    if !views.studies.is_empty() {
+        h.push_str(&format!(
+            "<h2>Studies</h2><p>A study is called positive when any of its radiographs is. {} studies, {} called fracture.</p><table><tr><th>Study Instance UID (pseudonym)</th><th>radiographs</th><th>called fracture</th><th>highest score</th><th>call</th></tr>",
+            views.studies.len(),
+            views.studies.iter().filter(|s| s.fracture).count()
+        ));
+        for st in &views.studies {
+            h.push_str(&format!(
+                "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.4}</td><td{}>{}</td></tr>",
+                esc(&st.study_instance_uid),
+                st.radiographs,
+                st.positives,
+                st.max_score,
+                if st.fracture { " class=\"pos\"" } else { "" },
+                if st.fracture { "fracture suspected" } else { "not detected" },
+            ));
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("<h2>Radiographs</h2>");
+    if findings.iter().any(|f| f.sc.is_some()) {
+        h.push_str(&format!(
+            "<p>Overlays: the radiograph with the suspected fractures boxed in red, numbered as in the DICOM SR; the banner above it repeats the result. The DICOM Structured Reports (TID 1500) and Secondary Captures are in <code>dicom/</code>. Thumbnails are shown for at most {MAX_THUMBNAILS} radiographs, positives first.</p>"
+        ));
+    }
+    h.push_str("<table><tr><th>overlay</th><th>SOP Instance UID (pseudonym)</th><th>region</th><th>score</th><th>threshold</th><th>call</th><th>boxes (original pixels)</th></tr>");
     for f in findings {
         let boxes: Vec<String> = f
             .boxes
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(i, b)| {
+                // Numbered as on the overlay and in the SR ("fracture box N").
                 format!(
-                    "({:.0},{:.0})-({:.0},{:.0}) {:.2}",
-                    b.x0, b.y0, b.x1, b.y1, b.score
+                    "{}: ({:.0},{:.0})-({:.0},{:.0}) {:.2}",
+                    i + 1,
+                    b.x0,
+                    b.y0,
+                    b.x1,
+                    b.y1,
+                    b.score
                 )
             })
             .collect();
+        let overlay = match views.thumbnails.get(&f.sop_instance_uid) {
+            Some(png) => format!(
+                "<img class=\"overlay\" alt=\"overlay of {}\" src=\"data:image/png;base64,{}\">",
+                esc(&f.sop_instance_uid),
+                base64(png)
+            ),
+            None => String::new(),
+        };
+        let dicom: Vec<String> = [("SR", &f.sr), ("SC", &f.sc)]
+            .iter()
+            .filter_map(|(k, p)| {
+                p.as_ref()
+                    .map(|p| format!("<a href=\"{}\">{k}</a>", esc(p)))
+            })
+            .collect();
         h.push_str(&format!(
-            "<tr><td><code>{}</code></td><td>{}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td{}>{}</td><td>{}</td></tr>",
+            "<tr><td>{overlay}</td><td><code>{}</code>{}</td><td>{}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td{}>{}</td><td>{}</td></tr>",
             esc(&f.sop_instance_uid),
+            if dicom.is_empty() { String::new() } else { format!("<br>DICOM: {}", dicom.join(" ")) },
             esc(&f.region),
             f.score,
             f.threshold,
@@ -113,4 +242,79 @@ pub fn html(
     h.push_str(&esc(&m.model_card));
     h.push_str("</pre></body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), enc);
+        }
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[test]
+    fn overlays_and_studies_are_shown_offline() {
+        let m = Manifest::from_toml(
+            "name = \"n\"\nmodel_version = \"n-1\"\ntrained = false\nnull_model = true\n\
+             input_size = 64\nmodel_card = \"card\"\n[thresholds]\ndefault_score = 0.5\n\
+             default_map = 0.5\n",
+            std::path::PathBuf::new(),
+        )
+        .unwrap();
+        let line = FindingLine {
+            input: "in-1".into(),
+            study_instance_uid: "2.25.1".into(),
+            series_instance_uid: "2.25.2".into(),
+            sop_instance_uid: "2.25.3".into(),
+            site: "S".into(),
+            region: "wrist".into(),
+            score: 0.75,
+            threshold: 0.5,
+            fracture: true,
+            boxes: vec![fracture_shared::messages::BoundingBox {
+                x0: 10.0,
+                y0: 20.0,
+                x1: 30.0,
+                y1: 40.0,
+                score: 0.9,
+            }],
+            model_version: "n-1".into(),
+            model_trained: false,
+            sr: Some("dicom/2.25.3.sr.dcm".into()),
+            sc: Some("dicom/2.25.3.sc.dcm".into()),
+        };
+        let findings = vec![line];
+        let views = Views {
+            thumbnails: [("2.25.3".to_string(), b"\x89PNG".to_vec())].into(),
+            studies: study_summaries(&findings),
+        };
+        let summary = ScanSummary {
+            inputs: 1,
+            findings: 1,
+            dead_letters: 0,
+            skipped: 0,
+            seconds: 1.0,
+        };
+        let h = html(&m, &findings, &[], &[], &summary, None, &views);
+        assert!(h.contains("src=\"data:image/png;base64,iVBORw==\""), "{h}");
+        assert!(h.contains("1: (10,20)-(30,40) 0.90"));
+        assert!(h.contains("<h2>Studies</h2>") && h.contains("1 studies, 1 called fracture"));
+        assert!(h.contains("href=\"dicom/2.25.3.sr.dcm\""));
+        assert!(
+            !h.contains("http:") && !h.contains("https:") && !h.contains("//"),
+            "no network"
+        );
+    }
 }

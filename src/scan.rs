@@ -42,6 +42,11 @@ pub struct FindingLine {
     pub boxes: Vec<BoundingBox>,
     pub model_version: String,
     pub model_trained: bool,
+    /// The DICOM SR and Secondary Capture of this result, relative to the output folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sc: Option<String>,
 }
 
 impl From<Finding> for FindingLine {
@@ -59,6 +64,8 @@ impl From<Finding> for FindingLine {
             boxes: f.boxes,
             model_version: f.model_version,
             model_trained: f.model_trained,
+            sr: None,
+            sc: None,
         }
     }
 }
@@ -196,11 +203,10 @@ pub async fn run(
                 let _ = f.send(Some(err.to_string()));
             }
         }));
-        let (e, c, m) = (
-            env.clone(),
-            settings.section::<PostprocessConfig>("postprocess")?,
-            manifest.clone(),
-        );
+        // A scan summarises its studies at its end (below), not on a quiet-period timer.
+        let mut c = settings.section::<PostprocessConfig>("postprocess")?;
+        c.studies.enabled = false;
+        let (e, c, m) = (env.clone(), c, manifest.clone());
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = fracture_postprocess::run(&e, &c, m).await {
@@ -326,7 +332,18 @@ pub async fn run(
                 for r in &batch {
                     if r.topic == findings_t {
                         let f: Finding = decode(&r.payload).map_err(anyhow::Error::msg)?;
-                        let line = FindingLine::from(f);
+                        // --- DICOM outputs (SR, Secondary Capture) into DIR/dicom/ ---
+                        let (sr, sc) = (f.sr.clone(), f.sc.clone());
+                        let mut line = FindingLine::from(f);
+                        for (blob, kind) in [(sr, "sr"), (sc, "sc")] {
+                            let Some(blob) = blob else { continue };
+                            let name = format!("dicom/{}.{kind}.dcm", line.sop_instance_uid);
+                            std::fs::create_dir_all(out.join("dicom"))?;
+                            std::fs::write(out.join(&name), store.get(&blob).await?)
+                                .with_context(|| format!("writing {name}"))?;
+                            if kind == "sr" { line.sr = Some(name) } else { line.sc = Some(name) }
+                        }
+                        // --- end DICOM outputs ---
                         serde_json::to_writer(&mut findings_file, &line)?;
                         findings_file.write_all(b"\n")?;
                         findings.push(line);
@@ -378,6 +395,21 @@ pub async fn run(
     };
     let regions = db.by_region().await?;
     db.close().await;
+    // --- study summaries and overlay thumbnails for the report ---
+    let studies = report::study_summaries(&findings);
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("studies.jsonl"))?);
+        for s in &studies {
+            serde_json::to_writer(&mut f, s)?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
+    let views = report::Views {
+        thumbnails: report::thumbnails(out, &findings),
+        studies,
+    };
+    // --- end study summaries ---
     let evaluation = match labels {
         Some(_) => {
             let e = fracture_audit::evaluate::evaluate(
@@ -403,6 +435,7 @@ pub async fn run(
             &regions,
             &summary,
             evaluation.as_ref(),
+            &views,
         ),
     )?;
     let rate = total.unwrap_or(0) as f64 / summary.seconds.max(1e-9);

@@ -85,6 +85,10 @@ pub struct Preprocessed {
     /// channel 1 Local Contrast Normalised in [-1, 1].
     pub tensor: BlobRef,
     pub geometry: Geometry,
+    /// The de-identified DICOM object, passed on so post-processing can write DICOM results
+    /// (SR, Secondary Capture) that reference it; absent in messages from before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<BlobRef>,
 }
 
 /// `fracture.scored`: the ensemble's output for one radiograph.
@@ -105,6 +109,9 @@ pub struct Scored {
     pub model_version: String,
     /// False for a network that was never trained: everything downstream must say so.
     pub model_trained: bool,
+    /// The de-identified DICOM object (from [`Preprocessed::dicom`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<BlobRef>,
 }
 
 /// A box in original pixel coordinates.
@@ -131,6 +138,41 @@ pub struct Finding {
     pub boxes: Vec<BoundingBox>,
     pub model_version: String,
     pub model_trained: bool,
+    /// DICOM Comprehensive SR (TID 1500) of this result, referencing the de-identified source;
+    /// absent when DICOM outputs are off or the source was not available. (Boxed, like `sc`, to
+    /// keep the finding small where it sits beside other messages in an enum.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sr: Option<Box<BlobRef>>,
+    /// DICOM Secondary Capture: the radiograph with the boxes and the result drawn in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sc: Option<Box<BlobRef>>,
+}
+
+/// `fracture.studies`: the any-fracture summary of one study, emitted once no new radiograph of
+/// it has arrived for a quiet period (and again, as a new revision, if one arrives later).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudySummary {
+    pub schema: String,
+    /// Pseudonymised StudyInstanceUID (also the key).
+    pub study_instance_uid: String,
+    pub site: String,
+    /// True when any radiograph of the study was called positive.
+    pub fracture: bool,
+    /// Radiographs seen (each SOP Instance UID once).
+    pub radiographs: u32,
+    /// Of which called positive.
+    pub positives: u32,
+    /// Highest score of the study's radiographs.
+    pub max_score: f32,
+    /// Pseudonymised SOPInstanceUIDs called positive, sorted.
+    pub positive_sop_instance_uids: Vec<String>,
+    /// Regions of the radiographs, sorted, each once.
+    pub regions: Vec<String>,
+    pub model_version: String,
+    pub model_trained: bool,
+    /// 1 for the first summary of the study; higher when late radiographs revised it (the
+    /// highest revision supersedes the others).
+    pub revision: u32,
 }
 
 /// `fracture.labels`: a reference read (ground truth) for one radiograph.
@@ -198,6 +240,7 @@ pub mod schema {
     pub const PREPROCESSED: &str = "fracture.preprocessed/v1";
     pub const SCORED: &str = "fracture.scored/v1";
     pub const FINDING: &str = "fracture.finding/v1";
+    pub const STUDY_SUMMARY: &str = "fracture.study-summary/v1";
     pub const LABEL: &str = "fracture.label/v1";
     pub const ALERT: &str = "fracture.alert/v1";
     pub const DEAD_LETTER: &str = "fracture.dead-letter/v1";
@@ -226,6 +269,7 @@ message!(Deidentified, schema::DEIDENTIFIED, "deidentified");
 message!(Preprocessed, schema::PREPROCESSED, "preprocessed");
 message!(Scored, schema::SCORED, "scored");
 message!(Finding, schema::FINDING, "findings");
+message!(StudySummary, schema::STUDY_SUMMARY, "studies");
 message!(Label, schema::LABEL, "labels");
 message!(Alert, schema::ALERT, "alerts");
 message!(DeadLetter, schema::DEAD_LETTER, "dead-letter");

@@ -684,6 +684,8 @@ async fn chromium_shows_what_the_database_holds() {
             boxes: vec![],
             model_version: "v1".into(),
             model_trained: false,
+            sr: None,
+            sc: None,
         });
         labels.push(Label {
             schema: schema::LABEL.into(),

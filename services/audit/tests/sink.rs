@@ -29,6 +29,8 @@ fn finding(sop: &str, site: &str, region: &str, score: f32, version: &str) -> Fi
         }],
         model_version: version.into(),
         model_trained: false,
+        sr: None,
+        sc: None,
     }
 }
 

@@ -101,6 +101,8 @@ async fn a_sensitivity_drop_gives_one_alert_for_its_region() {
                 boxes: vec![],
                 model_version: "v1".into(),
                 model_trained: true,
+                sr: None,
+                sc: None,
             };
             let l = Label {
                 schema: schema::LABEL.into(),

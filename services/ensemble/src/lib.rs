@@ -133,6 +133,7 @@ impl Handler for EnsembleStage {
                 map_size: p.map_size as u32,
                 model_version: manifest.model_version.clone(),
                 model_trained: manifest.trained,
+                dicom: msg.dicom,
             };
             results[i] = Ok(vec![Output::message(
                 &self.topics,

@@ -183,4 +183,62 @@ mod tests {
             (10.0, 20.0, 210.0, 120.0)
         );
     }
+
+    #[test]
+    fn top_k_keeps_the_strongest_in_order() {
+        let n = 16;
+        let mut map = vec![0.0f32; n * n];
+        // Six 2x2 blobs, three cells apart, of increasing strength.
+        for k in 0..6 {
+            let (x, y) = ((k % 3) * 5, (k / 3) * 5);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                map[(y + dy) * n + x + dx] = 0.5 + 0.05 * k as f32;
+            }
+        }
+        assert_eq!(components(&map, n, 0.5).len(), 6);
+        let cfg = BoxConfig {
+            min_area: 2,
+            top_k: 3,
+        };
+        let b = boxes(&map, n, 0.5, true, &geometry(), &cfg);
+        let scores: Vec<f32> = b.iter().map(|b| b.score).collect();
+        assert_eq!(scores, vec![0.75, 0.7, 0.65]);
+        // top_k 0 still gives a positive its one box.
+        let one = boxes(
+            &map,
+            n,
+            0.5,
+            true,
+            &geometry(),
+            &BoxConfig {
+                min_area: 2,
+                top_k: 0,
+            },
+        );
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].score, 0.75);
+    }
+
+    #[test]
+    fn a_positive_with_only_specks_is_boxed_around_the_strongest() {
+        let n = 8;
+        let mut map = vec![0.1f32; n * n];
+        map[2 * n + 5] = 0.9; // single cells above the threshold: below min_area
+        map[6 * n + 1] = 0.8;
+        map[2 * n + 6] = 0.5; // above half the maximum, beside it: part of its region
+        let b = boxes(&map, n, 0.7, true, &geometry(), &BoxConfig::default());
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].score, 0.9);
+        // Cells 5..7 x 2..3: 8 px per cell -> x 40..56, y 16..24 model px.
+        let cell = |c: f64| c * 8.0 / 0.32;
+        assert!((b[0].x0 - (10.0 + cell(5.0))).abs() < 1e-9);
+        assert!((b[0].x1 - (10.0 + cell(7.0))).abs() < 1e-9);
+        assert!((b[0].y0 - (20.0 + cell(2.0))).abs() < 1e-9);
+        assert!((b[0].y1 - (20.0 + cell(3.0))).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_map_of_the_wrong_size_gives_no_boxes() {
+        assert!(boxes(&[0.9; 10], 4, 0.5, true, &geometry(), &BoxConfig::default()).is_empty());
+    }
 }

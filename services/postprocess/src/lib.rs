@@ -1,15 +1,23 @@
-//! The post-processing stage: the region's threshold decides, the probability map gives boxes.
+//! The post-processing stage: the region's threshold decides, the probability map gives boxes,
+//! and the result goes out as a finding, a DICOM SR and a DICOM Secondary Capture.
 
 pub mod boxes;
+pub mod dicom;
+pub mod font;
+pub mod sc;
+pub mod sr;
+pub mod study;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use fracture_models::Manifest;
 use fracture_shared::bus::Record;
-use fracture_shared::error::StageError;
-use fracture_shared::messages::{decode, schema, Finding, Scored};
+use fracture_shared::error::{ErrorKind, StageError};
+use fracture_shared::messages::{decode, schema, BlobRef, Finding, Scored};
+use fracture_shared::pixels;
 use fracture_shared::stage::{
     bytes_to_f32, BatchConfig, Output, RecordHandler, StageEnv, StageFailed,
 };
@@ -17,15 +25,56 @@ use fracture_shared::store::BlobStore;
 use fracture_shared::Topics;
 
 pub use boxes::BoxConfig;
+pub use study::StudyConfig;
 
 pub const STAGE: &str = "postprocess";
 
 /// `[postprocess]`
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostprocessConfig {
     pub batch: BatchConfig,
     pub boxes: BoxConfig,
+    /// Write a DICOM Comprehensive SR (TID 1500) and a Secondary Capture with the boxes drawn for
+    /// every radiograph, to the claim-check store, referenced from the finding.
+    pub dicom_outputs: bool,
+    pub studies: StudyConfig,
+}
+
+impl Default for PostprocessConfig {
+    fn default() -> Self {
+        Self {
+            batch: BatchConfig::default(),
+            boxes: BoxConfig::default(),
+            dicom_outputs: true,
+            studies: StudyConfig::default(),
+        }
+    }
+}
+
+/// The DICOM outputs of one result, as Part 10 files.
+#[derive(Debug, Clone)]
+pub struct DicomOutputs {
+    pub uids: dicom::OutputUids,
+    pub sr: Vec<u8>,
+    pub sc: Vec<u8>,
+}
+
+/// Builds the SR and the Secondary Capture of `finding` from the de-identified source object.
+/// CPU-bound (pixel decoding and drawing): call it on the blocking pool.
+pub fn dicom_outputs(source: &[u8], finding: &Finding) -> Result<DicomOutputs, StageError> {
+    let obj = pixels::read_object(source)?;
+    let src = dicom::Source::read(&obj)?;
+    let uids = dicom::OutputUids::new(
+        &src.study_instance_uid,
+        &src.sop_instance_uid,
+        &finding.model_version,
+    );
+    let (_, sr) = dicom::to_part10(sr::structured_report(&src, finding, &uids))?;
+    let image = pixels::decode(&obj)?;
+    let (rgb, banner) = sc::overlay(&image, finding);
+    let (_, sc) = dicom::to_part10(sc::secondary_capture(&src, finding, &uids, &rgb, banner)?)?;
+    Ok(DicomOutputs { uids, sr, sc })
 }
 
 pub struct Postprocess {
@@ -33,6 +82,43 @@ pub struct Postprocess {
     pub topics: Topics,
     pub manifest: Arc<Manifest>,
     pub cfg: PostprocessConfig,
+}
+
+impl Postprocess {
+    /// Writes the SR and the Secondary Capture to the store. An outage is returned (the record is
+    /// retried); anything else is logged and the finding goes out without them: a result a
+    /// clinician needs is never held back for its DICOM rendering.
+    async fn write_dicom(
+        &self,
+        finding: &Finding,
+        source: &BlobRef,
+    ) -> Result<Option<(BlobRef, BlobRef)>, StageError> {
+        let f = finding.clone();
+        let made = match self.store.get(source).await {
+            Ok(bytes) => tokio::task::spawn_blocking(move || dicom_outputs(&bytes, &f))
+                .await
+                .map_err(|e| StageError::internal(format!("DICOM output task panicked: {e}")))
+                .and_then(|r| r),
+            Err(e) => Err(StageError::from(e)),
+        };
+        let out = match made {
+            Ok(out) => out,
+            Err(e) if e.kind == ErrorKind::External => return Err(e),
+            Err(e) => {
+                tracing::warn!(kind = ?e.kind, reason = %e.message, "no DICOM SR/SC for this radiograph");
+                return Ok(None);
+            }
+        };
+        let sr = self
+            .store
+            .put(Bytes::from(out.sr), "application/dicom")
+            .await?;
+        let sc = self
+            .store
+            .put(Bytes::from(out.sc), "application/dicom")
+            .await?;
+        Ok(Some((sr, sc)))
+    }
 }
 
 #[async_trait]
@@ -57,6 +143,14 @@ impl RecordHandler for Postprocess {
         let boxes = match (&msg.map, fracture) {
             (Some(map), true) => {
                 let map = bytes_to_f32(&self.store.get(map).await?)?;
+                let side = msg.map_size as usize;
+                if map.len() != side * side {
+                    return Err(StageError::data(format!(
+                        "the probability map holds {} values but map_size says {side}x{side}: \
+                         the ensemble stage wrote a wrong map or size",
+                        map.len()
+                    )));
+                }
                 boxes::boxes(
                     &map,
                     msg.map_size as usize,
@@ -68,7 +162,7 @@ impl RecordHandler for Postprocess {
             }
             _ => Vec::new(),
         };
-        let finding = Finding {
+        let mut finding = Finding {
             schema: schema::FINDING.into(),
             id: msg.id,
             site: msg.site,
@@ -79,7 +173,15 @@ impl RecordHandler for Postprocess {
             boxes,
             model_version: msg.model_version,
             model_trained: msg.model_trained,
+            sr: None,
+            sc: None,
         };
+        if let (true, Some(source)) = (self.cfg.dicom_outputs, &msg.dicom) {
+            if let Some((sr, sc)) = self.write_dicom(&finding, source).await? {
+                finding.sr = Some(Box::new(sr));
+                finding.sc = Some(Box::new(sc));
+            }
+        }
         Ok(vec![Output::message(
             &self.topics,
             &finding.id.study_instance_uid.clone(),
@@ -88,7 +190,8 @@ impl RecordHandler for Postprocess {
     }
 }
 
-/// Runs the stage until shutdown.
+/// Runs the stage until shutdown: the findings, and (when enabled) the study summaries beside
+/// them.
 pub async fn run(
     env: &StageEnv,
     cfg: &PostprocessConfig,
@@ -100,6 +203,26 @@ pub async fn run(
         manifest,
         cfg: *cfg,
     };
-    env.consume(STAGE, env.topics.of::<Scored>(), cfg.batch, &handler)
-        .await
+    let findings = env.consume(STAGE, env.topics.of::<Scored>(), cfg.batch, &handler);
+    if !cfg.studies.enabled {
+        return findings.await;
+    }
+    // Like the findings consumer, a summariser whose clients died starts over with new ones.
+    let studies = async {
+        loop {
+            match study::run(env, &cfg.studies).await {
+                Err(e) if !env.shutdown.is_set() => {
+                    tracing::error!(error = %e, "study summaries: the bus failed; starting over");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                r => return r,
+            }
+        }
+    };
+    tokio::pin!(findings, studies);
+    // Either one failing stops the stage (its supervisor restarts it); a clean stop waits for both.
+    tokio::select! {
+        r = &mut findings => { r?; studies.await }
+        r = &mut studies => { r?; findings.await }
+    }
 }

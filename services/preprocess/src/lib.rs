@@ -72,6 +72,7 @@ impl RecordHandler for Preprocess {
             region: msg.region,
             tensor,
             geometry,
+            dicom: Some(msg.dicom),
         };
         Ok(vec![Output::message(
             &self.topics,
