@@ -3,6 +3,7 @@
 
 pub mod burned_in;
 pub mod deid;
+pub mod dicomweb;
 pub mod export;
 pub mod linkage;
 pub mod scp;
@@ -54,6 +55,9 @@ pub struct IngestConfig {
     pub quarantine: String,
     /// Burned-in text rules, one `[[ingest.burned_in]]` table per device model.
     pub burned_in: Vec<burned_in::PixelRule>,
+    /// The DICOMweb doors: a QIDO-RS/WADO-RS back-scan of a PACS (`url`) and a STOW-RS endpoint
+    /// (`stow_listen`); both closed by default.
+    pub dicomweb: dicomweb::DicomwebConfig,
 }
 
 impl Default for IngestConfig {
@@ -71,6 +75,7 @@ impl Default for IngestConfig {
             },
             quarantine: "fracture-quarantine".into(),
             burned_in: Vec::new(),
+            dicomweb: dicomweb::DicomwebConfig::default(),
         }
     }
 }
