@@ -7,10 +7,32 @@ use anyhow::{bail, Context};
 use fracture_models::{Ensemble, Manifest};
 use fracture_shared::config::{ModelConfig, Settings};
 
+/// The device `[model] device` names: `cpu`; `cuda` (the first GPU) or `cuda:N`, which must be
+/// there, since a deployment that asked for a GPU would rather fail than crawl on the CPU; or
+/// `auto` (or empty): the first CUDA GPU in a build with the `cuda` feature that finds one, else
+/// the CPU.
 pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
-    match name.trim() {
-        "" | "cpu" => Ok(candle_core::Device::Cpu),
-        other => bail!("device {other:?} is not available in this build; use \"cpu\" (GPU builds need the cuda feature)"),
+    let name = name.trim();
+    let cuda = |ordinal: usize| {
+        candle_core::Device::new_cuda(ordinal).with_context(|| {
+            format!(
+                "model.device = {name:?}: no CUDA GPU {ordinal} for the ensemble; this needs a \
+                 build with the cuda feature (cargo build --features fracture-models/cuda) on a \
+                 machine with that GPU, or set model.device = \"cpu\" (or \"auto\")"
+            )
+        })
+    };
+    match name.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "" | "auto" => Ok(fracture_models::ensemble::inference_device()?),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => bail!(
+                "model.device = {name:?} is not a device; use \"cpu\", \"cuda\", \"cuda:N\" \
+                 (N a GPU index) or \"auto\""
+            ),
+        },
     }
 }
 
@@ -46,7 +68,9 @@ fn default_manifest(configured: &str) -> std::path::PathBuf {
 
 pub fn ensemble(settings: &Settings, over: Option<&Path>) -> anyhow::Result<Arc<Ensemble>> {
     let (cfg, m) = manifest(settings, over)?;
-    let e = Ensemble::load(m, &device(&cfg.device)?)?;
+    let device = device(&cfg.device)?;
+    tracing::info!(device = ?device, "ensemble device");
+    let e = Ensemble::load(m, &device)?;
     if !e.manifest().trained {
         tracing::warn!(model_version = %e.manifest().model_version, "this ensemble was never trained: its scores mean nothing");
     }
@@ -67,4 +91,39 @@ pub fn model_summary(arch: &str, input: usize, channels: usize) -> anyhow::Resul
     let madds = multiply_adds(&cfg, input);
     println!("{arch}: {:.2}M parameters, {:.1} G multiply-adds at {input}x{input} with {channels} input channel(s)", params as f64 / 1e6, madds as f64 / 1e9);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device;
+
+    #[test]
+    fn device_names_pick_the_cpu_auto_or_refuse() {
+        assert!(device("cpu").unwrap().is_cpu());
+        assert!(device(" CPU ").unwrap().is_cpu());
+        let picked = fracture_models::ensemble::inference_device().unwrap();
+        assert!(device("auto").unwrap().same_device(&picked));
+        assert!(device("").unwrap().same_device(&picked));
+        for bad in ["gpu", "cuda:x", "cuda:-1", "metal"] {
+            let e = device(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("is not a device") && e.contains("cpu"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// Without the cuda feature, or without that GPU, asking for one fails and says what to do.
+    #[test]
+    fn a_gpu_that_is_not_there_is_refused_with_what_to_do() {
+        for name in ["cuda", "cuda:1"] {
+            match device(name) {
+                Ok(d) => assert!(d.is_cuda(), "{name} gave {d:?}"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    assert!(e.contains("cuda feature") && e.contains("cpu"), "{e}");
+                }
+            }
+        }
+    }
 }

@@ -170,3 +170,89 @@ fn null_model_scores_without_networks_and_is_never_trained() {
     let err = Manifest::from_toml(&format!("{text}\n{members}"), dir).unwrap_err();
     assert!(err.to_string().contains("no [[members]]"), "{err}");
 }
+
+fn untrained10_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("untrained10")
+}
+
+/// The ten-member untrained ensemble is exactly what `init` generates, as the three-member one
+/// is (member i, 0-based, gets seed i + 1). After changing the architecture or the
+/// initialisation, regenerate both with
+/// `FRACTURE_BLESS_UNTRAINED=1 cargo test -p fracture-models shipped_untrained` and copy the
+/// printed sha256 values into models/untrained10/ensemble.toml.
+#[test]
+fn shipped_untrained10_weights_are_reproducible() {
+    use fracture_models::ensemble::sha256_hex;
+    use fracture_models::init::init_member_weights;
+
+    let m = manifest::load(&untrained10_dir().join("ensemble.toml")).expect("manifest loads");
+    let bless = std::env::var_os("FRACTURE_BLESS_UNTRAINED").is_some();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (i, spec) in m.members.iter().enumerate() {
+        let target = if bless {
+            m.weights_path(spec)
+        } else {
+            tmp.path().join(&spec.weights)
+        };
+        let sha = init_member_weights(spec, i as u64 + 1, &target).expect("weights written");
+        if bless {
+            println!("{}: sha256 = \"{sha}\"", spec.name);
+            continue;
+        }
+        assert_eq!(
+            sha, spec.sha256,
+            "member {} regenerates differently",
+            spec.name
+        );
+        let shipped = std::fs::read(m.weights_path(spec)).expect("shipped weights");
+        assert_eq!(
+            sha256_hex(&shipped),
+            spec.sha256,
+            "shipped {} differs",
+            spec.name
+        );
+    }
+}
+
+/// Ten members covering what varies between the paper's: every architecture, every input,
+/// map heads and attention on some, both poolings; never mistaken for a trained model.
+#[test]
+fn the_ten_member_untrained_ensemble_varies_as_the_papers_does() {
+    use fracture_models::drn::{Arch, Pooling};
+    use fracture_models::manifest::Input;
+    use fracture_models::MemberSpec;
+
+    let m = manifest::load(&untrained10_dir().join("ensemble.toml")).expect("manifest loads");
+    assert!(!m.trained && !m.null_model);
+    assert!(m.model_card.contains("UNTRAINED") && m.model_card.contains("RANDOM WEIGHTS"));
+    assert_eq!(m.members.len(), 10);
+    assert_eq!(m.input_size, 256);
+    let has = |f: &dyn Fn(&MemberSpec) -> bool| m.members.iter().any(f);
+    for arch in [Arch::DrnC26, Arch::DrnC42, Arch::DrnD22, Arch::DrnD38] {
+        assert!(has(&|s| s.arch == arch), "no {arch:?} member");
+    }
+    for input in [Input::Raw, Input::Lcn, Input::Both] {
+        assert!(has(&|s| s.input == input), "no {input:?} member");
+    }
+    for pooling in [Pooling::Avg, Pooling::Spp] {
+        assert!(has(&|s| s.pooling == pooling), "no {pooling:?} member");
+    }
+    let maps = m.members.iter().filter(|s| s.map_head).count();
+    let attention = m.members.iter().filter(|s| s.attention).count();
+    assert!(
+        (1..10).contains(&maps),
+        "{maps} map heads: some members, not all"
+    );
+    assert!(
+        (1..10).contains(&attention),
+        "{attention} attention: some, not all"
+    );
+    let bytes: u64 = std::fs::read_dir(untrained10_dir())
+        .expect("read untrained10/")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .sum();
+    assert!(
+        bytes < 6 << 20,
+        "untrained10/ is {bytes} bytes; keep it under 6 MiB"
+    );
+}
