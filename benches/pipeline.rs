@@ -71,6 +71,14 @@ async fn main() {
     let (otlp, spans) = pipeline::otlp_receiver().await;
     let manifest = pipeline::repo().join("models/null/ensemble.toml");
     let dir = work.join("run");
+    // FRACTURE_LOAD_DICOM_OUTPUTS=0: no SR and Secondary Capture per radiograph, the bare
+    // metadata and claim-check traffic.
+    let dicom_outputs = std::env::var("FRACTURE_LOAD_DICOM_OUTPUTS").map_or(true, |v| v != "0");
+    let extra = format!(
+        "[preprocess.batch]\nmax = 32\n[ensemble]\nbatch_size = 32\n[postprocess]\n\
+         dicom_outputs = {dicom_outputs}\n[postprocess.batch]\nmax = 64\n"
+    );
+    eprintln!("SR and SC outputs: {dicom_outputs}");
     let cfg = pipeline::write_config(
         &dir,
         &RunConfig {
@@ -79,7 +87,7 @@ async fn main() {
             key: &key,
             otlp: &otlp,
             manifest: &manifest,
-            extra: "[preprocess.batch]\nmax = 32\n[ensemble]\nbatch_size = 32\n[postprocess.batch]\nmax = 64\n",
+            extra: &extra,
         },
     );
     let mut p = Pipeline::new(&dir, &cfg, std::slice::from_ref(&inputs));
@@ -114,7 +122,7 @@ async fn main() {
     let first = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     let last = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     let wall = (last - first) as f64 / 1e9;
-    println!("\nPipeline ceiling, null model, {n} phantoms 256-320 px ({:.1} MB), 2 cores, one process per stage, 3 partitions", bytes as f64 / 1e6);
+    println!("\nPipeline ceiling, null model, {n} phantoms 256-320 px ({:.1} MB), 2 cores, one process per stage, 3 partitions, SR+SC outputs {dicom_outputs}", bytes as f64 / 1e6);
     println!(
         "end to end: {:.1} radiographs/s ({n} in {wall:.2} s, first ingest span to last audit span)",
         n as f64 / wall

@@ -13,6 +13,7 @@ export FRACTURE_FIXTURES
 bash scripts/deid-peers.sh >/dev/null
 bash scripts/pyenv.sh >/dev/null
 bash scripts/chromium.sh >/dev/null
+bash scripts/orthanc.sh install >/dev/null  # the PACS of services/ingest/tests/dicomweb.rs
 FRACTURE_HELM="$(bash scripts/helm.sh | tail -n 1)"; export FRACTURE_HELM  # tests/helm_chart.rs
 
 broker_dir=""

@@ -173,6 +173,26 @@ async fn serve_ingest(
             }
         });
     }
+    if !cfg.dicomweb.stow_listen.is_empty() {
+        // The STOW-RS door (services/ingest/src/dicomweb/stow.rs), with its own producer like
+        // the C-STORE door.
+        let stow_producer = env
+            .bus
+            .producer(&format!(
+                "{}.ingest-stow.{}",
+                env.topics.prefix, env.instance
+            ))
+            .await?;
+        let (dw, ingest, shutdown) = (cfg.dicomweb.clone(), ingest.clone(), env.shutdown.clone());
+        let producer = std::sync::Arc::new(tokio::sync::Mutex::new(stow_producer));
+        tokio::spawn(async move {
+            if let Err(e) =
+                fracture_ingest::dicomweb::serve_stow(&dw, ingest, producer, shutdown).await
+            {
+                tracing::error!(error = %e, "the STOW-RS endpoint stopped");
+            }
+        });
+    }
     let mut inputs: Vec<PathBuf> = paths.to_vec();
     if inputs.is_empty() && !cfg.input_dir.is_empty() {
         inputs.push(PathBuf::from(&cfg.input_dir));
@@ -189,20 +209,15 @@ async fn serve_ingest(
         }
     };
     env.health.set_ready(true);
+    env.metrics
+        .ready_gauge
+        .with_label_values(&[fracture_ingest::STAGE])
+        .set(1);
     if !inputs.is_empty() {
         // Exactly once across crashes: our producer's start fenced any earlier incarnation and
         // aborted its open transaction, so what is committed on our output topics now is
         // exactly what was ingested before; skip those inputs.
-        let done = loop {
-            match ingested_before(env).await {
-                Ok(done) => break done,
-                Err(e) if !env.shutdown.is_set() => {
-                    tracing::warn!(error = %e, "cannot read what was ingested before, retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let done = ingested_before_retrying(env).await?;
         let report = ingest
             .run_paths_resuming(
                 &inputs,
@@ -210,7 +225,7 @@ async fn serve_ingest(
                 cfg.batch,
                 &done,
                 Some(&env.shutdown),
-                |_, _| {},
+                |outcome, _| count_ingested(&env.metrics, outcome),
             )
             .await?;
         tracing::info!(
@@ -222,11 +237,58 @@ async fn serve_ingest(
             "ingest finished its inputs"
         );
     }
+    if !cfg.dicomweb.url.is_empty() && !env.shutdown.is_set() {
+        // The QIDO-RS/WADO-RS back-scan of a PACS, resumed like the folders: what is committed
+        // (read after our producer fenced its predecessor) is skipped.
+        let done = ingested_before_retrying(env).await?;
+        // It logs its own counts; a stop part-way is resumed by the next start.
+        fracture_ingest::dicomweb::back_scan(
+            &cfg.dicomweb,
+            &ingest,
+            producer.as_mut(),
+            cfg.batch,
+            &done,
+            Some(&env.shutdown),
+            |outcome, _| count_ingested(&env.metrics, outcome),
+        )
+        .await?;
+    }
     // Stay up (health endpoint, and the doors of later releases) until told to stop.
     let mut shutdown: Shutdown = env.shutdown.clone();
     shutdown.wait().await;
     producer.close().await?;
     Ok(())
+}
+
+/// [`ingested_before`], waiting for the broker as long as the stage is not told to stop.
+async fn ingested_before_retrying(
+    env: &StageEnv,
+) -> Result<std::collections::HashSet<String>, fracture_shared::bus::BusError> {
+    loop {
+        match ingested_before(env).await {
+            Ok(done) => return Ok(done),
+            Err(e) if !env.shutdown.is_set() => {
+                tracing::warn!(error = %e, "cannot read what was ingested before, retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Ingest's counters (it has no StageRunner to keep them).
+fn count_ingested(metrics: &StageMetrics, outcome: fracture_ingest::Outcome) {
+    match outcome {
+        fracture_ingest::Outcome::Produced => metrics
+            .processed
+            .with_label_values(&[fracture_ingest::STAGE, "all"])
+            .inc(),
+        fracture_ingest::Outcome::DeadLettered => metrics
+            .dead_lettered
+            .with_label_values(&[fracture_ingest::STAGE, "data"])
+            .inc(),
+        _ => {}
+    }
 }
 
 /// The pseudonymous references of every input ingest has already published (a radiograph or a

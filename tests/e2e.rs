@@ -4,147 +4,16 @@
 
 mod common;
 
+use common::pipeline::{self, Pipeline, RunConfig};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified, Finding, Preprocessed, Scored};
 use fracture_shared::testkit;
-
-const BIN: &str = env!("CARGO_BIN_EXE_fracture");
-
-/// Stage processes, stopped (SIGTERM, then SIGKILL) when dropped, even if the test panics.
-struct Stages(Vec<(String, Child)>);
-
-impl Stages {
-    /// SIGTERM every stage and wait for a clean exit; returns the stages that failed to.
-    fn stop(&mut self) -> Vec<String> {
-        let mut bad = Vec::new();
-        for (_, c) in &self.0 {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        for (name, c) in &mut self.0 {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match c.try_wait() {
-                    Ok(Some(s)) if s.success() => break,
-                    Ok(Some(s)) => {
-                        bad.push(format!("{name} exited with {s}"));
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        bad.push(format!("{name} did not stop within 30 s of SIGTERM"));
-                        break;
-                    }
-                }
-            }
-        }
-        self.0.clear();
-        bad
-    }
-}
-
-impl Drop for Stages {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// An in-process OTLP/HTTP receiver: keeps every span posted to `/v1/traces` as (trace id, name).
-async fn otlp_receiver() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
-    let spans: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let keep = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let keep = keep.clone();
-            async move {
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
-                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                        for sp in ss["spans"].as_array().into_iter().flatten() {
-                            keep.lock().unwrap().push((
-                                sp["traceId"].as_str().unwrap_or("").to_string(),
-                                sp["name"].as_str().unwrap_or("").to_string(),
-                            ));
-                        }
-                    }
-                }
-                "{}"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), spans)
-}
-
-fn write_config(dir: &Path, brokers: &str, prefix: &str, key: &Path, otlp: &str) -> PathBuf {
-    let cfg = dir.join("fracture.toml");
-    let text = format!(
-        r#"[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-partitions = 3
-[store]
-url = "{store}"
-[ingest]
-key_file = "{key}"
-linkage = "{linkage}"
-site_code = "E2E"
-quarantine = "{quarantine}"
-[audit]
-database = "sqlite://{db}"
-[telemetry]
-metrics_addr = "127.0.0.1:0"
-log = "info"
-otlp_endpoint = "{otlp}"
-[model]
-manifest = "{manifest}"
-"#,
-        store = dir.join("store").display(),
-        key = key.display(),
-        linkage = dir.join("linkage.csv").display(),
-        quarantine = dir.join("quarantine").display(),
-        db = dir.join("audit.db").display(),
-        manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/untrained/ensemble.toml")
-            .display(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    cfg
-}
-
-fn spawn(cfg: &Path, logs: &Path, stage: &str, extra: &[&Path]) -> (String, Child) {
-    let log = std::fs::File::create(logs.join(format!("{stage}.log"))).unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .arg("serve")
-        .arg(stage)
-        .args(extra)
-        .arg("--instance")
-        .arg("e2e-0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start fracture serve");
-    (stage.to_string(), child)
-}
 
 /// Reads every committed record on `topics` until `want` arrived (or 240 s), then a little longer
 /// to catch anything extra.
@@ -187,16 +56,22 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     let prefix = testkit::unique_prefix("e2e");
     let kdir = work.join("kafka-run");
     std::fs::create_dir_all(&kdir).unwrap();
-    let (otlp, spans) = otlp_receiver().await;
-    let cfg = write_config(&kdir, &brokers, &prefix, &key, &otlp);
+    let (otlp, spans) = pipeline::otlp_receiver().await;
+    let manifest = pipeline::repo().join("models/untrained/ensemble.toml");
+    let cfg = pipeline::write_config(
+        &kdir,
+        &RunConfig {
+            brokers: &brokers,
+            prefix: &prefix,
+            key: &key,
+            otlp: &otlp,
+            manifest: &manifest,
+            extra: "",
+        },
+    );
     let started = Instant::now();
-    let mut stages = Stages(vec![
-        spawn(&cfg, &kdir, "preprocess", &[]),
-        spawn(&cfg, &kdir, "ensemble", &[]),
-        spawn(&cfg, &kdir, "postprocess", &[]),
-        spawn(&cfg, &kdir, "audit", &[]),
-        spawn(&cfg, &kdir, "ingest", &[&inputs.dir]),
-    ]);
+    let mut stages = Pipeline::new(&kdir, &cfg, std::slice::from_ref(&inputs.dir));
+    stages.start_all();
     let bus = KafkaBus::new(KafkaConfig {
         brokers: brokers.clone(),
         ..Default::default()
@@ -333,7 +208,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         ),
     )
     .unwrap();
-    let st = Command::new(BIN)
+    let st = Command::new(pipeline::BIN)
         .arg("--config")
         .arg(&cfg)
         .arg("labels")
@@ -420,8 +295,8 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         let trace_id = tp.split('-').nth(1).unwrap();
         let names: BTreeSet<&str> = spans
             .iter()
-            .filter(|(t, _)| t == trace_id)
-            .map(|(_, n)| n.as_str())
+            .filter(|s| s.trace_id == trace_id)
+            .map(|s| s.name.as_str())
             .collect();
         assert_eq!(
             names,
@@ -450,7 +325,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     // (b) The same inputs through `fracture scan`, one process, no broker.
     let sdir = work.join("scan-out");
     let started = Instant::now();
-    let st = Command::new(BIN)
+    let st = Command::new(pipeline::BIN)
         .arg("--set")
         .arg("ingest.site_code=E2E")
         .arg("scan")

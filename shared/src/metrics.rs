@@ -27,6 +27,9 @@ pub struct StageMetrics {
     pub retries: IntCounterVec,
     /// `fracture_ready{stage}`: 1 when connected to the bus and the store.
     pub ready_gauge: IntGaugeVec,
+    /// `fracture_consumer_lag{stage}`: records on this replica's assigned partitions not yet
+    /// consumed (librdkafka's statistics, every few seconds); what autoscaling should follow.
+    pub consumer_lag: IntGaugeVec,
 }
 
 impl Default for StageMetrics {
@@ -80,6 +83,17 @@ impl StageMetrics {
             &["stage"],
         )
         .expect("valid metric");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "fracture_consumer_lag",
+                "Records on this replica's partitions not yet consumed",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(consumer_lag.clone()))
+            .expect("unique metric");
         for c in [&processed, &dead_lettered, &retries] {
             registry
                 .register(Box::new(c.clone()))
@@ -102,6 +116,7 @@ impl StageMetrics {
             batch_size,
             retries,
             ready_gauge,
+            consumer_lag,
         }
     }
 

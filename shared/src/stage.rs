@@ -143,6 +143,12 @@ impl StageRunner {
                     continue;
                 }
             };
+            if let Some(lag) = io.lag() {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[self.stage])
+                    .set(lag);
+            }
             if batch.is_empty() {
                 continue;
             }

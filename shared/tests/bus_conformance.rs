@@ -395,6 +395,42 @@ async fn read_committed_returns_everything_committed_once(bus: &dyn Bus, t: &Top
     }
 }
 
+/// A member says how far behind it is (what autoscaling follows): something between what it
+/// already took and everything.
+async fn lag_is_reported(bus: &dyn Bus, t: &Topics) {
+    let input = t.name("lag");
+    bus.create_topics(std::slice::from_ref(&input), 1)
+        .await
+        .unwrap();
+    let mut p = bus.producer(&format!("{}-lag", t.prefix)).await.unwrap();
+    p.send((0..30).map(|i| out(&input, "k", &i.to_string())).collect())
+        .await
+        .unwrap();
+    p.close().await.unwrap();
+    let mut io = bus
+        .consumer("g-lag", std::slice::from_ref(&input), "lag-0")
+        .await
+        .unwrap();
+    let took = poll_until(io.as_mut(), 10, 10).await;
+    assert_eq!(took.len(), 10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lag = loop {
+        if let Some(l) = io.lag() {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no lag reported in 20 s");
+        // Statistics arrive through polls; this one may deliver records, which we leave.
+        io.rewind().await.unwrap();
+        let _ = io
+            .poll_batch(1, Duration::from_millis(10), Duration::from_millis(500))
+            .await
+            .unwrap();
+    };
+    // Kafka counts offsets, and the one transaction's commit marker takes one.
+    assert!((1..=31).contains(&lag), "lag {lag}");
+    io.close().await.unwrap();
+}
+
 async fn suite(bus: Arc<dyn Bus>, name: &str) {
     let t = Topics::new(&testkit::unique_prefix(name));
     order_per_key_and_nothing_lost(bus.as_ref(), &t).await;
@@ -403,6 +439,7 @@ async fn suite(bus: Arc<dyn Bus>, name: &str) {
     a_cancelled_poll_loses_nothing(bus.as_ref(), &t).await;
     dead_letters_land_with_their_reason(bus.clone(), &t).await;
     read_committed_returns_everything_committed_once(bus.as_ref(), &t).await;
+    lag_is_reported(bus.as_ref(), &t).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

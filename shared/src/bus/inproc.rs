@@ -217,6 +217,15 @@ impl InProcConsumer {
 
 #[async_trait]
 impl StageIo for InProcConsumer {
+    fn lag(&self) -> Option<i64> {
+        Some(
+            self.topics
+                .iter()
+                .map(|t| self.bus.end_offset(t) - self.position.get(t).copied().unwrap_or(0))
+                .sum(),
+        )
+    }
+
     async fn poll_batch(
         &mut self,
         max: usize,

@@ -73,6 +73,8 @@ impl Default for KafkaConfig {
 #[derive(Default)]
 struct GenerationContext {
     generation: AtomicU64,
+    /// Sum of `consumer_lag` over the assigned partitions from the last statistics; -1 unknown.
+    lag: std::sync::atomic::AtomicI64,
 }
 
 impl ClientContext for GenerationContext {
@@ -88,6 +90,31 @@ impl ClientContext for GenerationContext {
     }
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, "kafka client: {reason}");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = 0i64;
+        let mut known = false;
+        for t in statistics.topics.values() {
+            for p in t.partitions.values() {
+                // -1 is librdkafka's internal partition; "none" means not assigned to us.
+                if p.partition < 0 || p.fetch_state == "none" || p.ls_offset < 0 {
+                    continue;
+                }
+                // From the next record we would hand out. librdkafka's own consumer_lag counts
+                // from the committed offset, which it does not see move when offsets are
+                // committed through the producer's transaction.
+                let from = [p.app_offset, p.committed_offset, p.lo_offset]
+                    .into_iter()
+                    .find(|&o| o >= 0);
+                if let Some(from) = from {
+                    lag += (p.ls_offset - from).max(0);
+                    known = true;
+                }
+            }
+        }
+        self.lag
+            .store(if known { lag } else { -1 }, Ordering::Relaxed);
     }
 }
 
@@ -319,12 +346,16 @@ impl Bus for KafkaBus {
             .set(
                 "heartbeat.interval.ms",
                 (self.cfg.session_timeout_ms / 3).max(100).to_string(),
-            );
+            )
+            .set("statistics.interval.ms", "5000");
         if self.cfg.static_membership {
             c.set("group.instance.id", instance);
         }
         let consumer: BaseConsumer<GenerationContext> = c
-            .create_with_context(GenerationContext::default())
+            .create_with_context(GenerationContext {
+                lag: std::sync::atomic::AtomicI64::new(-1),
+                ..Default::default()
+            })
             .map_err(|e| BusError::Fatal(format!("cannot create consumer: {e}")))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(classify)?;
@@ -507,6 +538,11 @@ fn seek_to_committed(
 
 #[async_trait]
 impl StageIo for KafkaStageIo {
+    fn lag(&self) -> Option<i64> {
+        let lag = self.consumer.context().lag.load(Ordering::Relaxed);
+        (lag >= 0).then_some(lag)
+    }
+
     async fn poll_batch(
         &mut self,
         max: usize,

@@ -95,6 +95,7 @@ impl Topics {
             "preprocessed",
             "scored",
             "findings",
+            "studies",
             "labels",
             "alerts",
             "dead-letter",
@@ -132,6 +133,11 @@ pub trait Bus: Send + Sync {
 /// One consumer-group member with its transactional producer.
 #[async_trait]
 pub trait StageIo: Send {
+    /// Records on this member's partitions not yet consumed, when the transport knows.
+    fn lag(&self) -> Option<i64> {
+        None
+    }
+
     /// Waits up to about `idle` for a first record, then gathers up to `max` records for at most
     /// `linger` more. An empty batch means nothing arrived. Cancel-safe: a poll dropped half-way
     /// loses nothing (its records come again).
