@@ -4,6 +4,7 @@
 mod report;
 mod scan;
 mod serve;
+mod train;
 mod wiring;
 
 use std::path::PathBuf;
@@ -89,6 +90,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
+    /// Train one ensemble member on labelled DICOM radiographs (the paper's recipe: map and
+    /// image loss, Adam, augmentation, balanced sampling, early stopping on tuning AUC); it
+    /// checkpoints after every epoch, and --resume continues a killed run.
+    Train(train::TrainArgs),
+    /// Region score and map thresholds from held-out scored radiographs, in the manifest's
+    /// [thresholds] format.
+    Calibrate(train::CalibrateArgs),
     /// Inspect the DRN family.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -294,6 +302,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
+        Command::Train(args) => train::train(args),
+        Command::Calibrate(args) => train::calibrate(args),
         Command::Model(ModelCommand::Summary {
             arch,
             input,

@@ -175,12 +175,14 @@ impl ConvBn {
         ConvBn::Unfolded { conv, bn }
     }
 
-    /// `relu(bn(conv(x)) + residual)`, the residual and the ReLU optional.
+    /// `relu(bn(conv(x)) + residual)`, the residual and the ReLU optional. With `train`, those
+    /// ops compute it with BatchNorm on the batch's statistics (only the unfolded form can train).
     fn forward(
         &self,
         x: &Features,
         residual: Option<&Features>,
         relu: bool,
+        train: Option<&dyn TrainingOps>,
     ) -> candle_core::Result<Features> {
         let candle = |y: Tensor| -> candle_core::Result<Features> {
             let y = match residual {
@@ -191,9 +193,21 @@ impl ConvBn {
             Ok(Features::Tensor(if relu { y.relu()? } else { y }))
         };
         match (self, x) {
-            (ConvBn::Unfolded { conv, bn }, Features::Tensor(x)) => {
-                candle(bn.forward_t(&conv.forward(x)?, false)?)
-            }
+            (ConvBn::Unfolded { conv, bn }, Features::Tensor(x)) => match train {
+                Some(ops) => {
+                    let residual = match residual {
+                        Some(Features::Tensor(r)) => Some(r),
+                        Some(Features::Nhwc(_)) => candle_core::bail!("a channels-last residual"),
+                        None => None,
+                    };
+                    Ok(Features::Tensor(ops.conv_bn(conv, bn, x, residual, relu)?))
+                }
+                None => candle(bn.forward_t(&conv.forward(x)?, false)?),
+            },
+            (ConvBn::Folded(_) | ConvBn::Cpu(_), _) if train.is_some() => candle_core::bail!(
+                "a network prepared for inference (BatchNorm folded) cannot train; train the \
+                 network Drn::new built"
+            ),
             (ConvBn::Folded(conv), Features::Tensor(x)) => candle(conv.forward(x)?),
             (ConvBn::Cpu(kernel), Features::Nhwc(x)) => {
                 let residual = match residual {
@@ -226,6 +240,48 @@ impl ConvBn {
     }
 }
 
+/// How a training pass computes one convolution unit, `relu(bn(conv(x)) + residual)` (the
+/// residual and the ReLU optional), with BatchNorm in training mode: normalised by the batch's
+/// statistics, and the running statistics (the `Var`s behind `bn.running_mean()` and
+/// `bn.running_var()`) moved towards them by `bn.momentum()`. It must be differentiable with
+/// respect to `x`, the convolution's weight and the BatchNorm's weight and bias.
+pub trait TrainingOps: Sync {
+    fn conv_bn(
+        &self,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// [`TrainingOps`] from candle's own differentiable ops (`Conv2d`, `BatchNorm::forward_t`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CandleTraining;
+
+impl TrainingOps for CandleTraining {
+    fn conv_bn(
+        &self,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let y = bn.forward_t(&conv.forward(x)?, true)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 /// Feature maps between layers: candle's `[N, C, H, W]` tensors, or the CPU fast path's
 /// channels-last buffers.
 enum Features {
@@ -244,18 +300,22 @@ struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn forward(&self, x: &Features) -> candle_core::Result<Features> {
-        let out = self.conv1.forward(x, None, true)?;
+    fn forward(
+        &self,
+        x: &Features,
+        train: Option<&dyn TrainingOps>,
+    ) -> candle_core::Result<Features> {
+        let out = self.conv1.forward(x, None, true, train)?;
         let projected;
         let shortcut = match (&self.downsample, self.residual) {
             (_, false) => None,
             (Some(down), true) => {
-                projected = down.forward(x, None, false)?;
+                projected = down.forward(x, None, false, train)?;
                 Some(&projected)
             }
             (None, true) => Some(x),
         };
-        self.conv2.forward(&out, shortcut, true)
+        self.conv2.forward(&out, shortcut, true, train)
     }
 
     fn map(
@@ -279,17 +339,21 @@ enum Stage {
 }
 
 impl Stage {
-    fn forward(&self, x: Features) -> candle_core::Result<Features> {
+    fn forward(
+        &self,
+        x: Features,
+        train: Option<&dyn TrainingOps>,
+    ) -> candle_core::Result<Features> {
         let mut x = x;
         match self {
             Stage::Blocks(blocks) => {
                 for b in blocks {
-                    x = b.forward(&x)?;
+                    x = b.forward(&x, train)?;
                 }
             }
             Stage::Convs(convs) => {
                 for c in convs {
-                    x = c.forward(&x, None, true)?;
+                    x = c.forward(&x, None, true, train)?;
                 }
             }
         }
@@ -598,15 +662,46 @@ impl Drn {
 
     /// `[N, in_channels, S, S]` -> (logits `[N]`, map logits `[N, S/8, S/8]` with a map head).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        self.forward_with(x, None)
+    }
+
+    /// [`Drn::forward`], or with `train` the training pass with candle's own ops
+    /// ([`CandleTraining`]): every BatchNorm normalises by the batch's statistics and moves its
+    /// running statistics towards them (momentum 0.1, as PyTorch), writing them into the `Var`s
+    /// the network was built from (a `VarMap`'s). Only the network [`Drn::new`] built can
+    /// train, not one prepared for inference.
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        self.forward_with(x, train.then_some(&CandleTraining as &dyn TrainingOps))
+    }
+
+    /// The training pass with the given ops for the convolution units (a trainer's faster
+    /// kernels); the heads, pooling and residual wiring are the network's own.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        ops: &dyn TrainingOps,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        self.forward_with(x, Some(ops))
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        train: Option<&dyn TrainingOps>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let n = x.dim(0)?;
         let input = match self.stem {
             ConvBn::Cpu(_) => Features::Nhwc(conv::Nhwc::from_nchw(x)?),
             _ => Features::Tensor(x.clone()),
         };
-        let mut features = self.stem.forward(&input, None, true)?;
+        let mut features = self.stem.forward(&input, None, true, train)?;
         drop(input);
         for stage in &self.stages {
-            features = stage.forward(features)?;
+            features = stage.forward(features, train)?;
         }
         let features = match features {
             Features::Tensor(t) => t,
