@@ -20,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     install -D -m 0755 target/release/fracture /out/usr/local/bin/fracture; \
     mkdir -p /out/usr/share/fracture/models; \
     cp -r models/untrained /out/usr/share/fracture/models/untrained; \
-    if [ -d models/demo ]; then cp -r models/demo /out/usr/share/fracture/models/demo; fi
+    cp -r models/demo /out/usr/share/fracture/models/demo; \
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN set -eux; \
@@ -39,7 +39,7 @@ USER 10001:10001
 WORKDIR /var/lib/fracture
 ENV RUST_BACKTRACE=1
 # Until a trained ensemble ships, the image serves the untrained pipeline-test ensemble.
-ENV FRACTURE__MODEL__MANIFEST=/usr/share/fracture/models/untrained/ensemble.toml
+ENV FRACTURE__MODEL__MANIFEST=/usr/share/fracture/models/demo/ensemble.toml
 EXPOSE 9100
 ENTRYPOINT ["fracture"]
 CMD ["--help"]

@@ -107,7 +107,7 @@ pub fn html(
     h.push_str("<h1>Fracture detection: scan report</h1>");
     h.push_str("<p class=\"warn\">AI result, not a diagnosis.");
     if !m.trained {
-        h.push_str(&format!(" The model <code>{}</code> was <u>never trained</u>: its scores are meaningless and this report only shows that the pipeline ran.", esc(&m.model_version)));
+        h.push_str(&format!(" The model <code>{}</code> was <u>never trained</u> on a real radiograph (random weights, or synthetic phantoms only): its scores say nothing about a patient, and this report only shows what the pipeline does.", esc(&m.model_version)));
     }
     h.push_str("</p>");
     h.push_str(&format!(

@@ -456,7 +456,8 @@ pub async fn run(
     }
     if !manifest.trained {
         println!(
-            "WARNING: model {} was never trained; its scores mean nothing.",
+            "WARNING: model {} was never trained on a real radiograph; its scores say nothing about a \
+             patient. Not for clinical use.",
             manifest.model_version
         );
     }

@@ -72,7 +72,7 @@ pub fn ensemble(settings: &Settings, over: Option<&Path>) -> anyhow::Result<Arc<
     tracing::info!(device = ?device, "ensemble device");
     let e = Ensemble::load(m, &device)?;
     if !e.manifest().trained {
-        tracing::warn!(model_version = %e.manifest().model_version, "this ensemble was never trained: its scores mean nothing");
+        tracing::warn!(model_version = %e.manifest().model_version, "this ensemble was never trained on a real radiograph: its scores say nothing about a patient");
     }
     Ok(Arc::new(e))
 }

@@ -122,7 +122,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            manifest: "models/untrained/ensemble.toml".into(),
+            manifest: "models/demo/ensemble.toml".into(),
             device: "cpu".into(),
         }
     }
