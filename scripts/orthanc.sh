@@ -11,7 +11,8 @@
 #       loopback only, no authentication) and starts Orthanc with its files in DIR (orthanc.log,
 #       orthanc.pid, http-port, dicom-port). Waits until the REST API answers and prints the
 #       DICOMweb base URL (http://127.0.0.1:PORT/dicom-web) as the last line of stdout; the REST
-#       API is that URL without /dicom-web, the DICOM AE title is ORTHANC on DIR/dicom-port.
+#       API is that URL without /dicom-web, the DICOM AE title is ORTHANC on DIR/dicom-port; it
+#       takes C-STOREs from any calling AE title (DicomAlwaysAllowStore), as the export tests need.
 #       Diagnostics go to stderr. Restarting in the same DIR keeps the data and the ports when
 #       they are still free. If the Orthanc of DIR is already running, prints its URL.
 #       --watch-pid PID: a detached watchdog stops Orthanc once process PID has exited, so a test

@@ -35,7 +35,7 @@ enum Command {
         /// DICOM files or folders to scan (recursively).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Output folder: findings.jsonl, dead-letter.jsonl, linkage.csv, report.html.
+        /// Output folder: findings.jsonl, dead-letter.jsonl, linkage.db, report.html.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// De-identification key file (at least 32 bytes); default: DIR/deid.key, created if missing.

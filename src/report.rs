@@ -216,7 +216,7 @@ pub fn html(
                 esc(&d.reason)
             ));
         }
-        h.push_str("</table><p>Source paths of these inputs are in <code>dead-letter.jsonl</code> and <code>linkage.csv</code>, which stay on this machine.</p>");
+        h.push_str("</table><p>Source paths of these inputs are in <code>dead-letter.jsonl</code> and <code>linkage.db</code>, which stay on this machine.</p>");
     }
     if let Some(e) = evaluation {
         let o = &e.overall;

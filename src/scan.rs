@@ -138,8 +138,7 @@ pub async fn run(
         url: out.join("store").display().to_string(),
         ..Default::default()
     })?;
-    let linkage_path = out.join("linkage.csv");
-    let linkage = Linkage::open(&linkage_path).context("opening linkage.csv")?;
+    let linkage = Linkage::open(&out.join("linkage.db")).await?;
     let ensemble = wiring::ensemble(settings, model)?;
     let manifest = Arc::new(ensemble.manifest().clone());
     let db_url = format!("sqlite://{}", out.join("audit.db").display());
@@ -206,6 +205,11 @@ pub async fn run(
         // A scan summarises its studies at its end (below), not on a quiet-period timer.
         let mut c = settings.section::<PostprocessConfig>("postprocess")?;
         c.studies.enabled = false;
+        // Nor does it export: its results stay in its folder (`fracture serve postprocess`
+        // exports).
+        if c.export.take().is_some() {
+            eprintln!("note: [postprocess.export] is for `fracture serve postprocess`; this scan sends nothing to a PACS");
+        }
         let (e, c, m) = (env.clone(), c, manifest.clone());
         let f = failed_tx.clone();
         tasks.push(tokio::spawn(async move {
@@ -350,7 +354,7 @@ pub async fn run(
                     } else {
                         let d: DeadLetter = decode(&r.payload).map_err(anyhow::Error::msg)?;
                         if sources.is_empty() || d.input.as_ref().is_some_and(|i| !sources.contains_key(i)) {
-                            sources = fracture_ingest::linkage::read_sources(&linkage_path).unwrap_or_default();
+                            sources = ingest.linkage.sources().await.unwrap_or_default();
                         }
                         let source = d.input.as_ref().and_then(|i| sources.get(i).cloned()).unwrap_or_else(|| "(unknown)".into());
                         let line = DeadLetterLine { source, input: d.input, stage: d.stage, kind: d.kind, reason: d.reason };

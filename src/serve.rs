@@ -117,7 +117,12 @@ async fn run_stage(
         }
         Stage::Postprocess => {
             let (_, m) = wiring::manifest(settings, None)?;
-            fracture_postprocess::run(&env, &settings.section("postprocess")?, Arc::new(m)).await?
+            let cfg: fracture_postprocess::PostprocessConfig = settings.section("postprocess")?;
+            if let Some(export) = &cfg.export {
+                // A wrong PACS address or AE title is said at start, not at the first finding.
+                export.validate().map_err(anyhow::Error::msg)?;
+            }
+            fracture_postprocess::run(&env, &cfg, Arc::new(m)).await?
         }
         Stage::Audit => {
             let cfg: fracture_audit::AuditConfig = settings.section("audit")?;
@@ -145,8 +150,7 @@ async fn serve_ingest(
     }
     let policy = cfg
         .policy(fracture_ingest::read_key(Path::new(&cfg.key_file)).map_err(anyhow::Error::msg)?)?;
-    let linkage = Linkage::open(Path::new(&cfg.linkage))
-        .with_context(|| format!("opening the linkage table {}", cfg.linkage))?;
+    let linkage = Linkage::open(Path::new(&cfg.linkage)).await?;
     let ingest = std::sync::Arc::new(Ingest {
         policy,
         store: env.store.clone(),

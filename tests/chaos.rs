@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pipeline::{self, Pipeline, RunConfig};
+use common::pipeline::{self, Pipeline};
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, OutRecord, Record, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Finding};
 use fracture_shared::testkit;
@@ -60,18 +60,7 @@ fn run(work: &Path, brokers: &str, prefix: &str, inputs: &Inputs) -> Pipeline {
     let key = work.join("deid.key");
     std::fs::write(&key, [9u8; 32]).unwrap();
     let dir = work.join("run");
-    let manifest = pipeline::repo().join("models/null/ensemble.toml");
-    let cfg = pipeline::write_config(
-        &dir,
-        &RunConfig {
-            brokers,
-            prefix,
-            key: &key,
-            otlp: "",
-            manifest: &manifest,
-            extra: "",
-        },
-    );
+    let cfg = pipeline::write_null_config(&dir, brokers, prefix, &key, "");
     Pipeline::new(&dir, &cfg, std::slice::from_ref(&inputs.dir))
 }
 
@@ -84,8 +73,8 @@ struct Tally {
     lost: usize,
 }
 
-fn tally(p: &Pipeline, inputs: &Inputs, outputs: &[Record], ignore_keys: &str) -> Tally {
-    let link = pipeline::linkage(&p.dir);
+async fn tally(p: &Pipeline, inputs: &Inputs, outputs: &[Record], ignore_keys: &str) -> Tally {
+    let link = pipeline::linkage(&p.dir).await;
     let mut per_source: BTreeMap<PathBuf, (usize, usize)> = BTreeMap::new();
     let (mut findings, mut dead_letters, mut stray) = (0, 0, Vec::new());
     for r in outputs {
@@ -296,7 +285,7 @@ async fn random_sigkills_and_poison_lose_and_duplicate_nothing() {
         }
     }
 
-    let t = tally(&p, &inputs, &out, "poison-");
+    let t = tally(&p, &inputs, &out, "poison-").await;
     assert_eq!(t.findings, inputs.good.len());
     let rows = audit_rows(&p, inputs.good.len() as i64).await;
     assert_eq!(
@@ -409,7 +398,7 @@ async fn broker_restart(signal: &str) {
             p.logs()
         );
     }
-    let t = tally(&p, &inputs, &out, "\u{0}");
+    let t = tally(&p, &inputs, &out, "\u{0}").await;
     assert_eq!(t.findings, inputs.good.len());
     let rows = audit_rows(&p, inputs.good.len() as i64).await;
     assert_eq!(
@@ -472,7 +461,7 @@ async fn a_store_outage_delays_but_loses_nothing() {
 
     let want = inputs.good.len() + inputs.bad.len();
     let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(300)).await;
-    let t = tally(&p, &inputs, &out, "\u{0}");
+    let t = tally(&p, &inputs, &out, "\u{0}").await;
     assert_eq!(t.findings, inputs.good.len());
     assert_eq!(
         t.dead_letters,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pipeline::{self, RunConfig};
+use common::pipeline;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
@@ -59,18 +59,7 @@ async fn no_identifier_leaves_the_edge_through_any_door() {
         work.join("scp-spool").display(),
         work.join("stow-spool").display()
     );
-    let manifest = pipeline::repo().join("models/null/ensemble.toml");
-    let cfg = pipeline::write_config(
-        &dir,
-        &RunConfig {
-            brokers: &brokers,
-            prefix: &prefix,
-            key: &key,
-            otlp: "",
-            manifest: &manifest,
-            extra: &extra,
-        },
-    );
+    let cfg = pipeline::write_null_config(&dir, &brokers, &prefix, &key, &extra);
     let log_path = dir.join("ingest.log");
     let mut ingest = Command::new(pipeline::BIN)
         .arg("--config")

@@ -6,7 +6,7 @@ mod common;
 
 use common::pipeline::{self, Pipeline, RunConfig};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -121,15 +121,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     );
 
     // Every dead letter names its input pseudonymously and says why, specifically.
-    let sources = std::fs::read_to_string(kdir.join("linkage.csv")).unwrap();
-    let source_of: HashMap<String, String> = sources
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split(',');
-            Some((f.next()?.to_string(), f.next()?.to_string()))
-        })
-        .collect();
+    let source_of = pipeline::linkage(&kdir).await;
     let mut reasons: BTreeMap<String, String> = BTreeMap::new();
     for d in &dead {
         let input = d
@@ -144,11 +136,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         let src = source_of
             .get(&input)
             .unwrap_or_else(|| panic!("input {input} not in linkage"));
-        let name = Path::new(src)
-            .strip_prefix(&inputs.dir)
-            .unwrap()
-            .display()
-            .to_string();
+        let name = src.strip_prefix(&inputs.dir).unwrap().display().to_string();
         reasons.insert(name, d.reason.clone());
     }
     for (file, word) in &inputs.bad {

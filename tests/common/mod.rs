@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod orthanc;
 pub mod pipeline;
 
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ pub struct Inputs {
     pub skipped: Vec<&'static str>,
 }
 
-fn edit(src: &Path, dst: &Path, f: impl FnOnce(&mut dicom_object::DefaultDicomObject)) {
+pub fn edit(src: &Path, dst: &Path, f: impl FnOnce(&mut dicom_object::DefaultDicomObject)) {
     let mut obj = dicom_object::open_file(src).expect("fixture parses");
     f(&mut obj);
     obj.write_to_file(dst).expect("write test file");

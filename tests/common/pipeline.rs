@@ -61,7 +61,7 @@ manifest = "{manifest}"
         prefix = c.prefix,
         store = dir.join("store").display(),
         key = c.key.display(),
-        linkage = dir.join("linkage.csv").display(),
+        linkage = dir.join("linkage.db").display(),
         quarantine = dir.join("quarantine").display(),
         db = dir.join("audit.db").display(),
         otlp = c.otlp,
@@ -70,6 +70,29 @@ manifest = "{manifest}"
     );
     std::fs::write(&cfg, text).unwrap();
     cfg
+}
+
+/// [`write_config`] for a run of the null model (`models/null`, the pipeline's own ceiling)
+/// without tracing, with `extra` TOML.
+pub fn write_null_config(
+    dir: &Path,
+    brokers: &str,
+    prefix: &str,
+    key: &Path,
+    extra: &str,
+) -> PathBuf {
+    let manifest = repo().join("models/null/ensemble.toml");
+    write_config(
+        dir,
+        &RunConfig {
+            brokers,
+            prefix,
+            key,
+            otlp: "",
+            manifest: &manifest,
+            extra,
+        },
+    )
 }
 
 /// The stage processes of one run; every one is SIGKILLed when this is dropped, even if the test
@@ -179,6 +202,26 @@ impl Pipeline {
         std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default()
     }
 
+    /// What `stage`'s `/metrics` answers now (its address is in its log: the latest start's).
+    pub fn metrics(&self, stage: &str) -> String {
+        let log = plain(&self.log(stage));
+        let addr = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics and health endpoint"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{stage} logged no metrics address"))
+            .to_string();
+        let out = Command::new("curl")
+            .args(["-sS", "-f", "--max-time", "10"])
+            .arg(format!("http://{addr}/metrics"))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{stage} /metrics: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The end of every stage's log, for a failure message.
     pub fn logs(&self) -> String {
         STAGES
@@ -194,6 +237,36 @@ impl Pipeline {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// A log without its terminal colours.
+pub fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then a final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of the Prometheus sample `name{labels}` in `metrics` (0 when absent). `labels` as
+/// written, e.g. `kind="sr",outcome="stored"` (Prometheus sorts them by name).
+pub fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
+    let key = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
 }
 
 impl Drop for Pipeline {
@@ -308,14 +381,11 @@ pub fn phantoms(dir: &Path, n: usize, seed: u64) -> Vec<PathBuf> {
 }
 
 /// The input reference -> source path map the edge's linkage table keeps.
-pub fn linkage(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
-    std::fs::read_to_string(dir.join("linkage.csv"))
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split(',');
-            Some((f.next()?.to_string(), PathBuf::from(f.next()?)))
-        })
+pub async fn linkage(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
+    fracture_ingest::linkage::read_sources(&dir.join("linkage.db"))
+        .await
+        .expect("read the linkage table")
+        .into_iter()
+        .map(|(input, source)| (input, PathBuf::from(source)))
         .collect()
 }

@@ -105,7 +105,7 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- if $v.ingest.dicom.enabled -}}
 {{- $_ := set $scp "listen" (printf "0.0.0.0:%d" (int $v.ingest.dicom.containerPort)) -}}
 {{- end -}}
-{{- $ingest := dict "key_file" (printf "%s/deid.key" (include "fracture.secretDir" .)) "site_code" $v.ingest.siteCode "uid_root" (toString $v.ingest.uidRoot) "quarantine" (printf "%s/quarantine" (include "fracture.edgeDir" .)) "linkage" (printf "%s/linkage/linkage.csv" (include "fracture.edgeDir" .)) "scp" $scp -}}
+{{- $ingest := dict "key_file" (printf "%s/deid.key" (include "fracture.secretDir" .)) "site_code" $v.ingest.siteCode "uid_root" (toString $v.ingest.uidRoot) "quarantine" (printf "%s/quarantine" (include "fracture.edgeDir" .)) "linkage" (printf "%s/linkage/linkage.db" (include "fracture.edgeDir" .)) "scp" $scp -}}
 {{- if $v.ingest.input.existingClaim -}}
 {{- $_ := set $ingest "input_dir" $v.ingest.input.mountPath -}}
 {{- end -}}

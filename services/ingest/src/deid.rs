@@ -41,6 +41,8 @@ pub struct DeidPolicy {
     pub pixel_rules: Vec<crate::burned_in::PixelRule>,
     /// Where refused inputs are kept at the edge, under pseudonymous names; `None`: not kept.
     pub quarantine: Option<std::path::PathBuf>,
+    /// The region rules, applied here at the edge while the descriptions are still there.
+    pub regions: fracture_shared::region::Regions,
 }
 
 impl std::fmt::Debug for DeidPolicy {
@@ -56,6 +58,12 @@ impl std::fmt::Debug for DeidPolicy {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PolicyError(String);
+
+impl From<String> for PolicyError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
 
 impl DeidPolicy {
     pub fn new(key: Vec<u8>, site_code: &str, uid_root: &str) -> Result<Self, PolicyError> {
@@ -87,6 +95,7 @@ impl DeidPolicy {
             uid_root: root.to_string(),
             pixel_rules: Vec::new(),
             quarantine: None,
+            regions: fracture_shared::region::Regions::builtin(),
         })
     }
 
@@ -588,12 +597,64 @@ fn code_item(value: &str, meaning: &str) -> InMemDicomObject {
 const METHOD_TEXT: &str = "fracture PS3.15 E.1 Basic; Rtn Pat Chars; Rtn Long Modif Dates";
 const _: () = assert!(METHOD_TEXT.len() <= 64);
 
-/// The identifiers of the original object, for the linkage table at the edge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Originals {
-    pub study_instance_uid: String,
-    pub series_instance_uid: String,
-    pub sop_instance_uid: String,
+/// Declares [`Originals`] and its attribute list from one table, so the de-identification that
+/// reads them, the linkage table that stores them and the exporter that writes them back agree.
+macro_rules! originals {
+    ($($(#[$doc:meta])* $field:ident: $tag:ident, $vr:ident;)*) => {
+        /// The identifiers of the original object, for the linkage table at the edge: its UIDs,
+        /// and what a PACS needs to file a result under the original patient and study. Empty
+        /// strings for attributes the object did not have.
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        pub struct Originals {
+            $($(#[$doc])* pub $field: String,)*
+        }
+
+        impl Originals {
+            /// Every attribute: its field (and linkage column) name, tag and VR.
+            pub const ATTRIBUTES: &'static [(&'static str, Tag, VR)] =
+                &[$((stringify!($field), tags::$tag, VR::$vr),)*];
+
+            /// The value of the attribute named `field` (see [`Originals::ATTRIBUTES`]).
+            pub fn get(&self, field: &str) -> Option<&str> {
+                match field {
+                    $(stringify!($field) => Some(&self.$field),)*
+                    _ => None,
+                }
+            }
+
+            /// The value of the attribute named `field`, to set.
+            pub fn get_mut(&mut self, field: &str) -> Option<&mut String> {
+                match field {
+                    $(stringify!($field) => Some(&mut self.$field),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+originals! {
+    study_instance_uid: STUDY_INSTANCE_UID, UI;
+    series_instance_uid: SERIES_INSTANCE_UID, UI;
+    sop_instance_uid: SOP_INSTANCE_UID, UI;
+    sop_class_uid: SOP_CLASS_UID, UI;
+    patient_id: PATIENT_ID, LO;
+    issuer_of_patient_id: ISSUER_OF_PATIENT_ID, LO;
+    patient_name: PATIENT_NAME, PN;
+    patient_birth_date: PATIENT_BIRTH_DATE, DA;
+    patient_sex: PATIENT_SEX, CS;
+    accession_number: ACCESSION_NUMBER, SH;
+    study_id: STUDY_ID, SH;
+    study_date: STUDY_DATE, DA;
+    study_time: STUDY_TIME, TM;
+    study_description: STUDY_DESCRIPTION, LO;
+    referring_physician_name: REFERRING_PHYSICIAN_NAME, PN;
+    /// Series and content date and time: the radiograph's own date, which results about it
+    /// carry as their content date.
+    series_date: SERIES_DATE, DA;
+    series_time: SERIES_TIME, TM;
+    content_date: CONTENT_DATE, DA;
+    content_time: CONTENT_TIME, TM;
 }
 
 fn string_of(obj: &InMemDicomObject, tag: Tag) -> String {
@@ -607,16 +668,17 @@ fn string_of(obj: &InMemDicomObject, tag: Tag) -> String {
         .unwrap_or_default()
 }
 
-/// De-identifies `obj` under `policy`, returning the new object and the original UIDs.
+/// De-identifies `obj` under `policy`, returning the new object and the original identifiers (for the linkage table).
 pub fn deidentify(
     obj: DefaultDicomObject,
     policy: &DeidPolicy,
 ) -> Result<(DefaultDicomObject, Originals), StageError> {
-    let originals = Originals {
-        study_instance_uid: string_of(&obj, tags::STUDY_INSTANCE_UID),
-        series_instance_uid: string_of(&obj, tags::SERIES_INSTANCE_UID),
-        sop_instance_uid: string_of(&obj, tags::SOP_INSTANCE_UID),
-    };
+    let mut originals = Originals::default();
+    for &(field, tag, _) in Originals::ATTRIBUTES {
+        if let Some(v) = originals.get_mut(field) {
+            *v = string_of(&obj, tag);
+        }
+    }
     for (name, v) in [
         ("StudyInstanceUID", &originals.study_instance_uid),
         ("SOPInstanceUID", &originals.sop_instance_uid),

@@ -27,7 +27,7 @@ use fracture_shared::store::BlobStore;
 use fracture_shared::telemetry;
 
 pub use deid::{deidentify, DeidPolicy};
-pub use linkage::{Linkage, LinkageRow};
+pub use linkage::{Linkage, LinkageReader, LinkageRow};
 pub use walk::{walk, Input};
 
 pub const STAGE: &str = "ingest";
@@ -43,7 +43,8 @@ pub struct IngestConfig {
     pub site_code: String,
     /// Root of generated UIDs (`2.25` for UUID-derived UIDs).
     pub uid_root: String,
-    /// The linkage table (pseudonym -> original), created with mode 0600. Stays at the edge.
+    /// The linkage table (pseudonym -> original identifiers), a SQLite database created with mode
+    /// 0600. Stays at the edge; the exporter of `fracture serve postprocess` reads it.
     pub linkage: String,
     /// A folder to ingest when `fracture serve ingest` is given no paths.
     pub input_dir: String,
@@ -58,6 +59,10 @@ pub struct IngestConfig {
     /// The DICOMweb doors: a QIDO-RS/WADO-RS back-scan of a PACS (`url`) and a STOW-RS endpoint
     /// (`stow_listen`); both closed by default.
     pub dicomweb: dicomweb::DicomwebConfig,
+    /// The region rule table (`[ingest.regions]`): a site's own `[[ingest.regions.rules]]`
+    /// (`region`, `keywords`) tried before the built-in table; `builtin = false` drops it,
+    /// `misspellings = false` turns off one-letter typo matching.
+    pub regions: region::RegionConfig,
 }
 
 impl Default for IngestConfig {
@@ -66,7 +71,7 @@ impl Default for IngestConfig {
             key_file: String::new(),
             site_code: "SITE".into(),
             uid_root: "2.25".into(),
-            linkage: "fracture-linkage.csv".into(),
+            linkage: "fracture-linkage.db".into(),
             input_dir: String::new(),
             batch: 16,
             scp: scp::ScpConfig {
@@ -76,6 +81,7 @@ impl Default for IngestConfig {
             quarantine: "fracture-quarantine".into(),
             burned_in: Vec::new(),
             dicomweb: dicomweb::DicomwebConfig::default(),
+            regions: region::RegionConfig::default(),
         }
     }
 }
@@ -173,7 +179,7 @@ impl Ingest {
         let mut obj = pixels::read_object(bytes)?;
         check_radiograph(&obj)?;
         let pixels_cleaned = burned_in::apply(&mut obj, &self.policy.pixel_rules)?;
-        let region = region::classify(&[
+        let region = self.policy.regions.classify(&[
             text(&obj, tags::BODY_PART_EXAMINED).as_deref(),
             text(&obj, tags::STUDY_DESCRIPTION).as_deref(),
             text(&obj, tags::SERIES_DESCRIPTION).as_deref(),
@@ -206,10 +212,11 @@ impl Ingest {
                 input: input.to_string(),
                 source: source.display().to_string(),
                 study_instance_uid: id.study_instance_uid.clone(),
+                series_instance_uid: id.series_instance_uid.clone(),
                 sop_instance_uid: id.sop_instance_uid.clone(),
-                original_study_instance_uid: originals.study_instance_uid,
-                original_sop_instance_uid: originals.sop_instance_uid,
+                original: Some(originals),
             })
+            .await
             .map_err(|e| StageError::external(format!("cannot write the linkage table: {e}")))?;
         let encoded = pixels::write_object(&clean)?;
         let dicom = self
@@ -260,15 +267,13 @@ impl Ingest {
             telemetry::TRACEPARENT.to_string(),
             telemetry::to_traceparent(&trace),
         )];
-        let link_only = |linkage: &Linkage| {
-            linkage.record(&LinkageRow {
-                input: input.clone(),
-                source: path.display().to_string(),
-                ..Default::default()
-            })
+        let link_only = LinkageRow {
+            input: input.clone(),
+            source: path.display().to_string(),
+            ..Default::default()
         };
         if let Some(why) = problem {
-            if let Err(e) = link_only(&self.linkage) {
+            if let Err(e) = self.linkage.record(&link_only).await {
                 tracing::error!(error = %e, "cannot write the linkage table");
             }
             let mut r = self.dead_letter(&input, StageError::data(why));
@@ -324,7 +329,7 @@ impl Ingest {
                 tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
                 if e.kind == ErrorKind::External {
                     // Not the input's fault; retried by the caller, linked when it lands.
-                } else if let Err(le) = link_only(&self.linkage) {
+                } else if let Err(le) = self.linkage.record(&link_only).await {
                     tracing::error!(error = %le, "cannot write the linkage table");
                 }
                 let mut r = self.dead_letter(&input, e);
@@ -488,10 +493,41 @@ impl IngestConfig {
     /// The de-identification policy this configuration describes, with `key`.
     pub fn policy(&self, key: Vec<u8>) -> Result<DeidPolicy, deid::PolicyError> {
         let mut p = DeidPolicy::new(key, &self.site_code, &self.uid_root)?;
+        p.regions =
+            region::Regions::new(&self.regions).map_err(|e| deid::PolicyError::from(e.0))?;
         p.pixel_rules = self.burned_in.clone();
         p.quarantine = Some(self.quarantine.trim())
             .filter(|q| !q.is_empty())
             .map(PathBuf::from);
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fracture_shared::region::{RegionConfig, RegionRule};
+
+    #[test]
+    fn site_region_rules_reach_the_policy_and_bad_ones_are_refused() {
+        let mut cfg = IngestConfig {
+            regions: RegionConfig {
+                rules: vec![RegionRule {
+                    region: "ankle".into(),
+                    keywords: vec!["OSG".into()],
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let policy = cfg.policy(vec![7; 32]).expect("a policy");
+        assert_eq!(policy.regions.classify(&[Some("OSG links")]), "ankle");
+        assert_eq!(policy.regions.classify(&[Some("Wrist")]), "wrist");
+        cfg.regions.rules[0].region = "ribs".into();
+        let err = cfg.policy(vec![7; 32]).unwrap_err().to_string();
+        assert!(
+            err.contains("ingest.regions.rules[0]") && err.contains("ribs"),
+            "{err}"
+        );
     }
 }

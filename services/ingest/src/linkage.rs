@@ -1,61 +1,220 @@
 //! The linkage table: pseudonym -> original identifiers and source. The site's re-identification
-//! key; it stays at the edge, readable by its owner only (mode 0600).
+//! key: it stays at the edge, in its own SQLite database readable by its owner only (mode 0600),
+//! so that results can go back to the right patient (the exporter in `fracture serve postprocess`
+//! reads it with [`LinkageReader`]) and refused inputs can be traced to their files.
+//!
+//! Two tables:
+//! - `inputs`: every input ingest published something for (a radiograph or a dead letter): its
+//!   pseudonymous reference, its source (a path or a door; paths can hold names, so this stays
+//!   here too) and the pseudonymous SOP Instance UID of the radiograph it became, if any;
+//! - `instances`, keyed by the pseudonymous SOP Instance UID: the pseudonymous study and series
+//!   UIDs and the original identifiers of [`Originals::ATTRIBUTES`] (UIDs, patient, study).
+//!
+//! Writes are durable before [`Linkage::record`] returns (WAL, `synchronous=FULL`): ingest records
+//! the link before it publishes, so every published result can be traced back. Rows are upserts,
+//! so a retried or resumed ingest writes the same row again.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::time::Duration;
 
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+// Dynamic SQL here is built from compile-time names only (the columns of
+// `Originals::ATTRIBUTES`); every value is a bound parameter.
+use sqlx::{AssertSqlSafe, Row};
+
+pub use crate::deid::Originals;
+
+/// One input as ingest recorded it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkageRow {
+    /// The pseudonymous input reference (`RadiographId::input`).
     pub input: String,
+    /// Where it came from (a path, or a door); stays at the edge.
     pub source: String,
+    /// The pseudonymous UIDs of the radiograph it became; empty for a refused input.
     pub study_instance_uid: String,
+    pub series_instance_uid: String,
     pub sop_instance_uid: String,
-    pub original_study_instance_uid: String,
-    pub original_sop_instance_uid: String,
+    /// The original identifiers; `None` for an input refused before they could be read.
+    pub original: Option<Originals>,
 }
 
-pub const HEADER: &str = "input,source,study_instance_uid,sop_instance_uid,original_study_instance_uid,original_sop_instance_uid";
+/// What the exporter needs to re-identify a result about one radiograph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// The pseudonymous UIDs the result carries.
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+    /// The originals they stand for.
+    pub original: Originals,
+}
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// An edge database (the linkage table, the exporter's ledger) that cannot be opened, read or
+/// written. The message names the file and the problem, never a row's values.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {message}")]
+pub struct EdgeDbError {
+    /// What the file is, e.g. "linkage table".
+    pub what: &'static str,
+    pub path: String,
+    pub message: String,
+}
+
+pub type LinkageError = EdgeDbError;
+
+const LINKAGE: &str = "linkage table";
+
+fn error(path: &Path, message: impl std::fmt::Display) -> LinkageError {
+    EdgeDbError {
+        what: LINKAGE,
+        path: path.display().to_string(),
+        message: message.to_string(),
     }
 }
 
-/// Append-only CSV, flushed and synced per row so a crash never loses a link to a published result.
+const SCHEMA_VERSION: i64 = 1;
+
+/// The first line of the CSV linkage tables of earlier releases.
+const CSV_HEADER: &[u8] = b"input,source,";
+
+fn original_column(field: &str) -> String {
+    format!("original_{field}")
+}
+
+fn schema() -> Vec<String> {
+    let originals: String = Originals::ATTRIBUTES
+        .iter()
+        .map(|(f, _, _)| format!(",\n        {} TEXT NOT NULL", original_column(f)))
+        .collect();
+    vec![
+        "CREATE TABLE IF NOT EXISTS inputs (
+        input TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        sop_instance_uid TEXT,
+        recorded_ms INTEGER NOT NULL
+    )"
+        .to_string(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS instances (
+        sop_instance_uid TEXT PRIMARY KEY,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL{originals},
+        recorded_ms INTEGER NOT NULL
+    )"
+        ),
+    ]
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Creates `path` (and its folder) with mode 0600 if missing, and makes an existing one 0600.
+/// SQLite gives its `-wal` and `-shm` files the mode of the database file.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    drop(opts.open(path)?);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Opens (creating, mode 0600) a SQLite database for data that stays at the edge: write-ahead
+/// log, every commit on disk before it returns, one connection (writes are serialised here
+/// instead of contending for SQLite's lock).
+pub async fn edge_database(path: &Path, what: &'static str) -> Result<SqlitePool, EdgeDbError> {
+    let fail = |message: String| EdgeDbError {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    create_private(path).map_err(|e| fail(format!("cannot create it with mode 0600: {e}")))?;
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+        .map_err(|e| fail(format!("cannot open: {e}")))
+}
+
+/// Refuses a CSV linkage table of an earlier release, saying what to do.
+fn refuse_csv(path: &Path) -> Result<(), LinkageError> {
+    let mut head = [0u8; 13];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    if head[..n].starts_with(CSV_HEADER) {
+        return Err(error(
+            path,
+            "this is a CSV linkage table of an earlier release; the linkage table is now a \
+             SQLite database: point ingest.linkage at a new file (e.g. linkage.db) and keep this \
+             CSV, which still maps the inputs it lists",
+        ));
+    }
+    Ok(())
+}
+
+/// The writer: ingest's handle on its linkage table.
 pub struct Linkage {
     path: PathBuf,
-    file: Mutex<File>,
+    pool: SqlitePool,
 }
 
 impl Linkage {
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+    /// Opens (creating, mode 0600) the linkage database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, LinkageError> {
+        refuse_csv(path)?;
+        let pool = edge_database(path, LINKAGE).await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| error(path, e))?;
+        if version > SCHEMA_VERSION {
+            return Err(error(
+                path,
+                format!("made by a newer release (schema {version}, this one knows {SCHEMA_VERSION}); upgrade this ingest"),
+            ));
         }
-        let mut opts = OpenOptions::new();
-        opts.create(true).append(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
+        for stmt in schema() {
+            sqlx::query(AssertSqlSafe(stmt))
+                .execute(&pool)
+                .await
+                .map_err(|e| error(path, e))?;
         }
-        let mut file = opts.open(path)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
-        if file.metadata()?.len() == 0 {
-            writeln!(file, "{HEADER}")?;
-        }
+        sqlx::query(AssertSqlSafe(format!(
+            "PRAGMA user_version = {SCHEMA_VERSION}"
+        )))
+        .execute(&pool)
+        .await
+        .map_err(|e| error(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            pool,
         })
     }
 
@@ -63,88 +222,335 @@ impl Linkage {
         &self.path
     }
 
-    pub fn record(&self, row: &LinkageRow) -> std::io::Result<()> {
-        let line = [
-            &row.input,
-            &row.source,
-            &row.study_instance_uid,
-            &row.sop_instance_uid,
-            &row.original_study_instance_uid,
-            &row.original_sop_instance_uid,
-        ]
-        .iter()
-        .map(|s| csv_field(s))
-        .collect::<Vec<_>>()
-        .join(",");
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        writeln!(f, "{line}")?;
-        f.sync_data()
-    }
-}
-
-/// Reads a linkage table back: input -> source path (for reports at the edge).
-pub fn read_sources(path: &Path) -> std::io::Result<std::collections::HashMap<String, String>> {
-    let text = std::fs::read_to_string(path)?;
-    let mut map = std::collections::HashMap::new();
-    for line in text.lines().skip(1) {
-        let fields = parse_csv_line(line);
-        if fields.len() >= 2 {
-            map.insert(fields[0].clone(), fields[1].clone());
-        }
-    }
-    Ok(map)
-}
-
-fn parse_csv_line(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
+    /// Records one input (and the radiograph it became), durably, in one transaction.
+    pub async fn record(&self, row: &LinkageRow) -> Result<(), LinkageError> {
+        let path = &self.path;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(|e| error(path, e))?;
+        let sop = Some(row.sop_instance_uid.as_str()).filter(|s| !s.is_empty());
+        sqlx::query(
+            "INSERT INTO inputs (input, source, sop_instance_uid, recorded_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (input) DO UPDATE SET source = excluded.source,
+                 sop_instance_uid = excluded.sop_instance_uid, recorded_ms = excluded.recorded_ms",
+        )
+        .bind(&row.input)
+        .bind(&row.source)
+        .bind(sop)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| error(path, e))?;
+        if let (Some(sop), Some(original)) = (sop, &row.original) {
+            let columns: Vec<String> = Originals::ATTRIBUTES
+                .iter()
+                .map(|(f, _, _)| original_column(f))
+                .collect();
+            let updates: Vec<String> = columns
+                .iter()
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            let sql = format!(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, {}, recorded_ms)
+                 VALUES (?, ?, ?, {}, ?)
+                 ON CONFLICT (sop_instance_uid) DO UPDATE SET study_instance_uid = excluded.study_instance_uid,
+                     series_instance_uid = excluded.series_instance_uid, {}, recorded_ms = excluded.recorded_ms",
+                columns.join(", "),
+                vec!["?"; columns.len()].join(", "),
+                updates.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(sop)
+                .bind(&row.study_instance_uid)
+                .bind(&row.series_instance_uid);
+            for (field, _, _) in Originals::ATTRIBUTES {
+                q = q.bind(original.get(field).unwrap_or_default());
             }
-            ('"', _) => quoted = !quoted,
-            (',', false) => out.push(std::mem::take(&mut cur)),
-            (c, _) => cur.push(c),
+            q.bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| error(path, e))?;
+        }
+        tx.commit().await.map_err(|e| error(path, e))
+    }
+
+    /// Input reference -> source, for every input recorded.
+    pub async fn sources(&self) -> Result<HashMap<String, String>, LinkageError> {
+        sources(&self.pool, &self.path).await
+    }
+
+    /// Closes the database (checkpointing its write-ahead log).
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+async fn sources(pool: &SqlitePool, path: &Path) -> Result<HashMap<String, String>, LinkageError> {
+    let rows = sqlx::query("SELECT input, source FROM inputs")
+        .fetch_all(pool)
+        .await
+        .map_err(|e| error(path, e))?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(|e| error(path, e))
+}
+
+/// A read-only view of one or more linkage tables: a database file, or a folder whose `*.db`
+/// files are the tables of several ingest replicas (one file per replica; their union is the
+/// table). A folder is looked at again when a UID is not found, so a new replica's file is
+/// picked up.
+pub struct LinkageReader {
+    path: PathBuf,
+    tables: tokio::sync::Mutex<Vec<(PathBuf, SqlitePool)>>,
+}
+
+impl LinkageReader {
+    /// Nothing is opened until the first lookup: ingest may create the table after this starts.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            tables: tokio::sync::Mutex::new(Vec::new()),
         }
     }
-    out.push(cur);
-    out
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The database files the configured path names now.
+    fn files(&self) -> Result<Vec<PathBuf>, LinkageError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| {
+            error(
+                &self.path,
+                format!(
+                    "cannot read it ({e}); it is written by `fracture serve ingest` \
+                     (ingest.linkage) and must be on a volume this process can read"
+                ),
+            )
+        })?;
+        if !meta.is_dir() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
+            .map_err(|e| error(&self.path, format!("cannot list the folder: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "db") && p.is_file())
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Opens the files not opened yet; true when there was a new one.
+    async fn refresh(&self, tables: &mut Vec<(PathBuf, SqlitePool)>) -> Result<bool, LinkageError> {
+        let mut added = false;
+        for file in self.files()? {
+            if tables.iter().any(|(p, _)| *p == file) {
+                continue;
+            }
+            let options = SqliteConnectOptions::new()
+                .filename(&file)
+                .read_only(true)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .map_err(|e| error(&file, format!("cannot open it read-only: {e}")))?;
+            tables.push((file, pool));
+            added = true;
+        }
+        Ok(added)
+    }
+
+    /// The originals behind the pseudonymous SOP Instance UID `sop`, or `None` when no table
+    /// holds it (a result about a radiograph another edge ingested, or from before the table).
+    pub async fn lookup(&self, sop: &str) -> Result<Option<Link>, LinkageError> {
+        let mut tables = self.tables.lock().await;
+        if tables.is_empty() {
+            self.refresh(&mut tables).await?;
+        }
+        loop {
+            for (file, pool) in tables.iter() {
+                if let Some(link) = lookup_in(pool, file, sop).await? {
+                    return Ok(Some(link));
+                }
+            }
+            if !self.refresh(&mut tables).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Input reference -> source, over every table.
+    pub async fn sources(&self) -> Result<HashMap<String, String>, LinkageError> {
+        let mut tables = self.tables.lock().await;
+        self.refresh(&mut tables).await?;
+        let mut all = HashMap::new();
+        for (file, pool) in tables.iter() {
+            all.extend(sources(pool, file).await?);
+        }
+        Ok(all)
+    }
+}
+
+async fn lookup_in(
+    pool: &SqlitePool,
+    file: &Path,
+    sop: &str,
+) -> Result<Option<Link>, LinkageError> {
+    let columns: Vec<String> = Originals::ATTRIBUTES
+        .iter()
+        .map(|(f, _, _)| original_column(f))
+        .collect();
+    let sql = format!(
+        "SELECT study_instance_uid, series_instance_uid, {} FROM instances WHERE sop_instance_uid = ?",
+        columns.join(", ")
+    );
+    let Some(row) = sqlx::query(AssertSqlSafe(sql))
+        .bind(sop)
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| error(file, e))?
+    else {
+        return Ok(None);
+    };
+    let read = || -> Result<Link, sqlx::Error> {
+        let mut original = Originals::default();
+        for (i, (field, _, _)) in Originals::ATTRIBUTES.iter().enumerate() {
+            if let Some(v) = original.get_mut(field) {
+                *v = row.try_get(i + 2)?;
+            }
+        }
+        Ok(Link {
+            study_instance_uid: row.try_get(0)?,
+            series_instance_uid: row.try_get(1)?,
+            sop_instance_uid: sop.to_string(),
+            original,
+        })
+    };
+    read().map(Some).map_err(|e| error(file, e))
+}
+
+/// Input reference -> source of the linkage table(s) at `path` (a file or a folder of them), for
+/// reports at the edge.
+pub async fn read_sources(path: &Path) -> Result<HashMap<String, String>, LinkageError> {
+    LinkageReader::new(path).sources().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn rows_round_trip_and_file_is_private() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("linkage.csv");
-        let l = Linkage::open(&p).unwrap();
-        l.record(&LinkageRow {
-            input: "in-1".into(),
-            source: "/a,b/\"c\".dcm".into(),
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn radiograph(n: u32) -> LinkageRow {
+        let original = Originals {
+            study_instance_uid: format!("1.2.3.{n}"),
+            series_instance_uid: format!("1.2.3.{n}.1"),
+            sop_instance_uid: format!("1.2.3.{n}.1.1"),
+            patient_id: format!("PAT-{n}"),
+            patient_name: "Doe^Jane, \"JJ\"".into(),
+            accession_number: format!("ACC{n}"),
             ..Default::default()
-        })
-        .unwrap();
-        drop(l);
-        let l = Linkage::open(&p).unwrap();
+        };
+        LinkageRow {
+            input: format!("in-{n}"),
+            source: format!("/a,b/\"c\"-{n}.dcm"),
+            study_instance_uid: format!("2.25.{n}"),
+            series_instance_uid: format!("2.25.{n}1"),
+            sop_instance_uid: format!("2.25.{n}11"),
+            original: Some(original),
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_round_trip_upsert_and_the_files_are_private() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("edge/linkage.db");
+        let l = Linkage::open(&p).await.unwrap();
+        l.record(&radiograph(1)).await.unwrap();
         l.record(&LinkageRow {
-            input: "in-2".into(),
+            input: "in-bad".into(),
             source: "/x.dcm".into(),
             ..Default::default()
         })
+        .await
         .unwrap();
-        let m = read_sources(&p).unwrap();
-        assert_eq!(m["in-1"], "/a,b/\"c\".dcm");
-        assert_eq!(m["in-2"], "/x.dcm");
-        use std::os::unix::fs::PermissionsExt;
+        // A reader sees the committed rows while the writer holds the table open.
+        let r = LinkageReader::new(&p);
+        let link = r.lookup("2.25.111").await.unwrap().expect("linked");
+        assert_eq!(link.original, radiograph(1).original.unwrap());
+        assert_eq!(link.study_instance_uid, "2.25.1");
+        assert_eq!(r.lookup("2.25.999").await.unwrap(), None);
+        // The write-ahead log and its index hold rows too: as private as the table.
+        for f in ["linkage.db", "linkage.db-wal", "linkage.db-shm"] {
+            assert_eq!(mode(&d.path().join("edge").join(f)), 0o600, "{f}");
+        }
+        l.close().await;
+
+        // Reopened: the same input again is an update, not a second row.
+        let l = Linkage::open(&p).await.unwrap();
+        let mut again = radiograph(1);
+        again.source = "/moved.dcm".into();
+        l.record(&again).await.unwrap();
+        l.record(&radiograph(2)).await.unwrap();
+        let m = l.sources().await.unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m["in-1"], "/moved.dcm");
+        assert_eq!(m["in-bad"], "/x.dcm");
+        l.close().await;
+        // A reader opened after the writer closed (no -wal or -shm left) still reads.
+        let r = LinkageReader::new(&p);
         assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
+            r.lookup("2.25.211")
+                .await
+                .unwrap()
+                .unwrap()
+                .original
+                .patient_id,
+            "PAT-2"
+        );
+        assert_eq!(read_sources(&p).await.unwrap().len(), 3);
+        assert_eq!(mode(&p), 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_folder_of_replica_tables_is_one_table() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Linkage::open(&d.path().join("ingest-0.db")).await.unwrap();
+        a.record(&radiograph(1)).await.unwrap();
+        let r = LinkageReader::new(d.path());
+        assert!(r.lookup("2.25.111").await.unwrap().is_some());
+        assert!(r.lookup("2.25.211").await.unwrap().is_none());
+        // A replica that starts later is found on the next miss.
+        let b = Linkage::open(&d.path().join("ingest-1.db")).await.unwrap();
+        b.record(&radiograph(2)).await.unwrap();
+        assert!(r.lookup("2.25.211").await.unwrap().is_some());
+        assert_eq!(r.sources().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_missing_table_or_an_old_csv_says_what_to_do() {
+        let d = tempfile::tempdir().unwrap();
+        let e = LinkageReader::new(&d.path().join("nope.db"))
+            .lookup("2.25.1")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("fracture serve ingest"), "{e}");
+        let csv = d.path().join("linkage.csv");
+        std::fs::write(&csv, "input,source,study_instance_uid\nin-1,/a.dcm,1.2\n").unwrap();
+        let e = Linkage::open(&csv).await.err().expect("refused");
+        assert!(
+            e.to_string().contains("point ingest.linkage at a new file"),
+            "{e}"
+        );
+        assert!(
+            std::fs::read_to_string(&csv).unwrap().contains("in-1"),
+            "the CSV is kept"
         );
     }
 }

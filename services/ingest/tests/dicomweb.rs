@@ -207,7 +207,9 @@ impl Pipe {
             policy: DeidPolicy::new(vec![9; 32], "SITE", "2.25").expect("a policy"),
             store,
             topics: topics.clone(),
-            linkage: Linkage::open(&dir.path().join("linkage.csv")).expect("a linkage table"),
+            linkage: Linkage::open(&dir.path().join("linkage.db"))
+                .await
+                .expect("a linkage table"),
         });
         Self {
             dir,

@@ -75,7 +75,9 @@ impl Harness {
             policy: DeidPolicy::new(vec![7; 32], "SITE", "2.25").expect("a policy"),
             store,
             topics: topics.clone(),
-            linkage: Linkage::open(&dir.path().join("linkage.csv")).expect("a linkage table"),
+            linkage: Linkage::open(&dir.path().join("linkage.db"))
+                .await
+                .expect("a linkage table"),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -106,7 +106,8 @@ pub struct Source {
     inherited: Vec<InMemElement>,
 }
 
-fn string(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+/// A text attribute, trimmed; `None` when absent or empty.
+pub(crate) fn string(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let e = obj.get(tag)?;
     let s = e.to_str().ok()?;
     let s = s.trim_end_matches('\0').trim();
@@ -132,14 +133,7 @@ impl Source {
             .get(tags::COLUMNS)
             .and_then(|e| e.to_int::<u32>().ok())
             .unwrap_or(0);
-        let (date, time) = [
-            (tags::CONTENT_DATE, tags::CONTENT_TIME),
-            (tags::SERIES_DATE, tags::SERIES_TIME),
-            (tags::STUDY_DATE, tags::STUDY_TIME),
-        ]
-        .iter()
-        .find_map(|&(d, t)| string(obj, d).map(|d| (d, string(obj, t).unwrap_or_default())))
-        .unwrap_or_default();
+        let (date, time) = reference_date_time(|tag| string(obj, tag)).unwrap_or_default();
         let mut inherited = Vec::new();
         for &(tag, vr, type2) in INHERITED {
             match obj.get(tag) {
@@ -214,6 +208,19 @@ impl Source {
             format!("{:02}{:02}{:02}", rest / 3600, rest / 60 % 60, rest % 60),
         )
     }
+}
+
+/// The date and time results about a radiograph carry as their content date: the radiograph's
+/// content date and time, else its series', else its study's; `None` when it has none of them.
+/// (`get` reads one attribute, `None` when absent or empty.)
+pub fn reference_date_time(get: impl Fn(Tag) -> Option<String>) -> Option<(String, String)> {
+    [
+        (tags::CONTENT_DATE, tags::CONTENT_TIME),
+        (tags::SERIES_DATE, tags::SERIES_TIME),
+        (tags::STUDY_DATE, tags::STUDY_TIME),
+    ]
+    .iter()
+    .find_map(|&(d, t)| get(d).map(|d| (d, get(t).unwrap_or_default())))
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).

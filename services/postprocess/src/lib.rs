@@ -3,6 +3,7 @@
 
 pub mod boxes;
 pub mod dicom;
+pub mod export;
 pub mod font;
 pub mod sc;
 pub mod sr;
@@ -30,7 +31,7 @@ pub use study::StudyConfig;
 pub const STAGE: &str = "postprocess";
 
 /// `[postprocess]`
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostprocessConfig {
     pub batch: BatchConfig,
@@ -39,6 +40,10 @@ pub struct PostprocessConfig {
     /// every radiograph, to the claim-check store, referenced from the finding.
     pub dicom_outputs: bool,
     pub studies: StudyConfig,
+    /// `[postprocess.export]`: when present, `fracture serve postprocess` also sends each
+    /// finding's SR and SC, re-identified at the edge, to a PACS (see [`export`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<export::ExportConfig>,
 }
 
 impl Default for PostprocessConfig {
@@ -48,6 +53,7 @@ impl Default for PostprocessConfig {
             boxes: BoxConfig::default(),
             dicom_outputs: true,
             studies: StudyConfig::default(),
+            export: None,
         }
     }
 }
@@ -190,8 +196,8 @@ impl RecordHandler for Postprocess {
     }
 }
 
-/// Runs the stage until shutdown: the findings, and (when enabled) the study summaries beside
-/// them.
+/// Runs the stage until shutdown: the findings, and (when enabled) the study summaries and the
+/// export to a PACS beside them.
 pub async fn run(
     env: &StageEnv,
     cfg: &PostprocessConfig,
@@ -201,14 +207,14 @@ pub async fn run(
         store: env.store.clone(),
         topics: env.topics.clone(),
         manifest,
-        cfg: *cfg,
+        cfg: cfg.clone(),
     };
     let findings = env.consume(STAGE, env.topics.of::<Scored>(), cfg.batch, &handler);
-    if !cfg.studies.enabled {
-        return findings.await;
-    }
     // Like the findings consumer, a summariser whose clients died starts over with new ones.
     let studies = async {
+        if !cfg.studies.enabled {
+            return Ok(());
+        }
         loop {
             match study::run(env, &cfg.studies).await {
                 Err(e) if !env.shutdown.is_set() => {
@@ -219,10 +225,12 @@ pub async fn run(
             }
         }
     };
-    tokio::pin!(findings, studies);
-    // Either one failing stops the stage (its supervisor restarts it); a clean stop waits for both.
-    tokio::select! {
-        r = &mut findings => { r?; studies.await }
-        r = &mut studies => { r?; findings.await }
-    }
+    let export = async {
+        match &cfg.export {
+            Some(x) => export::run(env, x).await,
+            None => Ok(()),
+        }
+    };
+    // Any one failing stops the stage (its supervisor restarts it); a clean stop waits for all.
+    tokio::try_join!(findings, studies, export).map(drop)
 }

@@ -429,7 +429,7 @@ pub fn thumbnail_png(sc: &[u8], max_side: usize) -> Result<Vec<u8>, StageError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fracture_shared::messages::{schema, RadiographId};
 

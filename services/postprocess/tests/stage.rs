@@ -286,7 +286,7 @@ async fn outputs_off_or_no_source_still_give_a_finding() {
         payload: serde_json::to_vec(&old).unwrap(),
         ..record(&scored(&w, r, 0.2, true))
     };
-    let out = stage(cfg).one(&rec).await.unwrap();
+    let out = stage(cfg.clone()).one(&rec).await.unwrap();
     let f: Finding = decode(&out[0].payload).unwrap();
     assert!(!f.fracture && f.boxes.is_empty());
     assert_eq!((f.sr, f.sc), (None, None));
