@@ -59,6 +59,8 @@ enum Command {
         instance: Option<String>,
     },
     /// De-identify DICOM files into a folder (research exports), with the ingest profile and key.
+    /// Files are processed on every core, one file per core in memory at a time;
+    /// RAYON_NUM_THREADS=1 keeps a single file in memory.
     Deid {
         /// DICOM files or folders (a folder's files keep their path relative to it).
         #[arg(required = true)]

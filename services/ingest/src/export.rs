@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use crate::deid::{deidentify, DeidPolicy};
 use crate::walk::{walk, Input};
 use fracture_shared::pixels;
@@ -107,19 +109,31 @@ pub fn export(
         }
         failed
     });
+    // Files are parsed, de-identified and encoded on every core, a chunk at a time so memory
+    // stays bounded (at most one file per core in flight) and results are handled in walk order.
+    let chunk = 8 * rayon::current_num_threads().max(1);
     for root in roots {
-        for item in walk(std::slice::from_ref(root)) {
-            match item {
-                Input::Skipped(_) => report.skipped += 1,
-                Input::Unreadable(p, why) => {
-                    report.refused += 1;
-                    refused.push(Refused {
-                        source: p.display().to_string(),
-                        reason: why,
-                    });
-                }
-                Input::File(p) => match one(&p, &destination(root, &p, out), policy) {
-                    Ok((n, written)) => {
+        let mut items = walk(std::slice::from_ref(root)).peekable();
+        while items.peek().is_some() {
+            let batch: Vec<Input> = items.by_ref().take(chunk).collect();
+            let results: Vec<Option<Result<(u64, Written), String>>> = batch
+                .par_iter()
+                .map(|item| match item {
+                    Input::File(p) => Some(one(p, &destination(root, p, out), policy)),
+                    _ => None,
+                })
+                .collect();
+            for (item, result) in batch.into_iter().zip(results) {
+                match (item, result) {
+                    (Input::Skipped(_), _) => report.skipped += 1,
+                    (Input::Unreadable(p, why), _) => {
+                        report.refused += 1;
+                        refused.push(Refused {
+                            source: p.display().to_string(),
+                            reason: why,
+                        });
+                    }
+                    (Input::File(_), Some(Ok((n, written)))) => {
                         report.written += 1;
                         report.bytes += n;
                         progress(n);
@@ -127,14 +141,15 @@ pub fn export(
                             return Err(std::io::Error::other("the writer thread stopped"));
                         }
                     }
-                    Err(reason) => {
+                    (Input::File(p), Some(Err(reason))) => {
                         report.refused += 1;
                         refused.push(Refused {
                             source: p.display().to_string(),
                             reason,
                         });
                     }
-                },
+                    (Input::File(_), None) => unreachable!("every file has a result"),
+                }
             }
         }
     }
