@@ -157,45 +157,35 @@ async fn serve_ingest(
         topics: env.topics.clone(),
         linkage,
     });
+    // Each push door has its own transactional producer, so a long folder ingest never holds up
+    // a modality's answer.
     if !cfg.scp.listen.is_empty() {
-        // The C-STORE door has its own transactional producer, so a long folder ingest never
-        // holds up a modality's answer.
-        let scp_producer = env
-            .bus
-            .producer(&format!(
-                "{}.ingest-scp.{}",
-                env.topics.prefix, env.instance
-            ))
-            .await?;
-        let (scp_cfg, ingest, shutdown) = (cfg.scp.clone(), ingest.clone(), env.shutdown.clone());
-        let producer = std::sync::Arc::new(tokio::sync::Mutex::new(scp_producer));
-        tracing::info!(listen = %scp_cfg.listen, ae_title = %scp_cfg.ae_title, "DICOM C-STORE SCP");
-        tokio::spawn(async move {
-            if let Err(e) = fracture_ingest::scp::serve(&scp_cfg, ingest, producer, shutdown).await
-            {
-                tracing::error!(error = %e, "the C-STORE SCP stopped");
-            }
-        });
+        tracing::info!(listen = %cfg.scp.listen, ae_title = %cfg.scp.ae_title, "DICOM C-STORE SCP");
+        let scp = cfg.scp.clone();
+        open_door(
+            env,
+            &ingest,
+            "ingest-scp",
+            "the C-STORE SCP",
+            move |ingest, producer, stop| async move {
+                fracture_ingest::scp::serve(&scp, ingest, producer, stop).await
+            },
+        )
+        .await?;
     }
     if !cfg.dicomweb.stow_listen.is_empty() {
-        // The STOW-RS door (services/ingest/src/dicomweb/stow.rs), with its own producer like
-        // the C-STORE door.
-        let stow_producer = env
-            .bus
-            .producer(&format!(
-                "{}.ingest-stow.{}",
-                env.topics.prefix, env.instance
-            ))
-            .await?;
-        let (dw, ingest, shutdown) = (cfg.dicomweb.clone(), ingest.clone(), env.shutdown.clone());
-        let producer = std::sync::Arc::new(tokio::sync::Mutex::new(stow_producer));
-        tokio::spawn(async move {
-            if let Err(e) =
-                fracture_ingest::dicomweb::serve_stow(&dw, ingest, producer, shutdown).await
-            {
-                tracing::error!(error = %e, "the STOW-RS endpoint stopped");
-            }
-        });
+        // The STOW-RS door (services/ingest/src/dicomweb/stow.rs).
+        let dw = cfg.dicomweb.clone();
+        open_door(
+            env,
+            &ingest,
+            "ingest-stow",
+            "the STOW-RS endpoint",
+            move |ingest, producer, stop| async move {
+                fracture_ingest::dicomweb::serve_stow(&dw, ingest, producer, stop).await
+            },
+        )
+        .await?;
     }
     let mut inputs: Vec<PathBuf> = paths.to_vec();
     if inputs.is_empty() && !cfg.input_dir.is_empty() {
@@ -378,5 +368,38 @@ pub async fn import_labels(
         topics.name("labels"),
         out.display()
     );
+    Ok(())
+}
+
+/// Starts a push door of `serve ingest` on its own transactional producer (`<prefix>.<name>.<instance>`);
+/// `what` names it in the log if it stops.
+async fn open_door<F, Fut>(
+    env: &StageEnv,
+    ingest: &Arc<fracture_ingest::Ingest>,
+    name: &str,
+    what: &'static str,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(
+            Arc<fracture_ingest::Ingest>,
+            Arc<tokio::sync::Mutex<Box<dyn fracture_shared::bus::Producer>>>,
+            Shutdown,
+        ) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let producer = env
+        .bus
+        .producer(&format!("{}.{name}.{}", env.topics.prefix, env.instance))
+        .await?;
+    let producer = Arc::new(tokio::sync::Mutex::new(producer));
+    let (ingest, shutdown) = (ingest.clone(), env.shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = serve(ingest, producer, shutdown).await {
+            tracing::error!(error = %e, "{} stopped", what);
+        }
+    });
     Ok(())
 }

@@ -79,6 +79,13 @@ fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<(u64, Written),
     ))
 }
 
+/// What became of one walked input.
+enum Done {
+    Skipped,
+    Refused(PathBuf, String),
+    Written(u64, Written),
+}
+
 /// De-identifies every DICOM file under `roots` into `out`; `progress` is called per input.
 pub fn export(
     roots: &[PathBuf],
@@ -116,24 +123,28 @@ pub fn export(
         let mut items = walk(std::slice::from_ref(root)).peekable();
         while items.peek().is_some() {
             let batch: Vec<Input> = items.by_ref().take(chunk).collect();
-            let results: Vec<Option<Result<(u64, Written), String>>> = batch
-                .par_iter()
+            let done: Vec<Done> = batch
+                .into_par_iter()
                 .map(|item| match item {
-                    Input::File(p) => Some(one(p, &destination(root, p, out), policy)),
-                    _ => None,
+                    Input::Skipped(_) => Done::Skipped,
+                    Input::Unreadable(p, reason) => Done::Refused(p, reason),
+                    Input::File(p) => match one(&p, &destination(root, &p, out), policy) {
+                        Ok((n, written)) => Done::Written(n, written),
+                        Err(reason) => Done::Refused(p, reason),
+                    },
                 })
                 .collect();
-            for (item, result) in batch.into_iter().zip(results) {
-                match (item, result) {
-                    (Input::Skipped(_), _) => report.skipped += 1,
-                    (Input::Unreadable(p, why), _) => {
+            for d in done {
+                match d {
+                    Done::Skipped => report.skipped += 1,
+                    Done::Refused(p, reason) => {
                         report.refused += 1;
                         refused.push(Refused {
                             source: p.display().to_string(),
-                            reason: why,
+                            reason,
                         });
                     }
-                    (Input::File(_), Some(Ok((n, written)))) => {
+                    Done::Written(n, written) => {
                         report.written += 1;
                         report.bytes += n;
                         progress(n);
@@ -141,14 +152,6 @@ pub fn export(
                             return Err(std::io::Error::other("the writer thread stopped"));
                         }
                     }
-                    (Input::File(p), Some(Err(reason))) => {
-                        report.refused += 1;
-                        refused.push(Refused {
-                            source: p.display().to_string(),
-                            reason,
-                        });
-                    }
-                    (Input::File(_), None) => unreachable!("every file has a result"),
                 }
             }
         }
