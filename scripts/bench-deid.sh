@@ -14,15 +14,22 @@
 #       under 4x the largest input file).
 #
 #   tools   cp         cp -r IN OUT                      the I/O floor
-#           cp+sync    cp -r IN OUT && sync              the floor when the data must reach disk
 #           fracture   fracture deid IN --out OUT --key-file KEY   (run from an empty folder,
-#                      so no ./fracture.toml is picked up: the default ingest profile)
-#           fracture-nofsync   the same under eatmydata (Debian eatmydata: fsync/fdatasync become
-#                      no-ops), to show what the per-file fdatasync costs; run only when
-#                      eatmydata is installed
+#                      so no ./fracture.toml is picked up: the default ingest profile). It ends
+#                      with one syncfs(2) of the output's file system, so its time includes
+#                      writing everything to disk
+#           fracture-nosync   the same under eatmydata (Debian eatmydata: the sync becomes a
+#                      no-op): what the peers, which never sync, are compared with; run only
+#                      when eatmydata is installed
 #           gdcmanon   gdcmanon -e -c cert.pem -i IN -o OUT   (PS3.15 Basic Profile, directory
 #                      mode, a throwaway self-signed certificate made with openssl)
 #           dicognito  python -m dicognito -q -o OUT IN  (PyPI dicognito, pinned below)
+#           TOOL+sync  any tool above followed by `sync` inside the timing (cp+sync,
+#                      gdcmanon+sync: the floor and the peer when the data must reach disk)
+#
+#           Runs are interleaved (run 1 of every tool, then run 2, ...), so a slow spell of the
+#           disk does not fall on one tool; the check table pairs like with like: fracture with
+#           cp+sync and gdcmanon+sync, fracture-nosync with cp and gdcmanon.
 #
 # Environment:
 #   FRACTURE_BIN    our binary (default: $CARGO_TARGET_DIR or $FRACTURE_CACHE/target, release if
@@ -42,8 +49,8 @@ VENV="$CACHE/bench-venv"
 PINS=("pydicom==3.0.2" "dicognito==0.19.0")
 COPIES="${BENCH_COPIES:-100}"
 RUNS="${BENCH_RUNS:-2}"
-DEFAULT_TOOLS="cp cp+sync fracture gdcmanon dicognito"
-command -v eatmydata >/dev/null 2>&1 && DEFAULT_TOOLS="cp cp+sync fracture fracture-nofsync gdcmanon dicognito"
+DEFAULT_TOOLS="cp cp+sync fracture gdcmanon gdcmanon+sync dicognito"
+command -v eatmydata >/dev/null 2>&1 && DEFAULT_TOOLS="cp cp+sync fracture fracture-nosync gdcmanon gdcmanon+sync dicognito"
 TOOLS="${BENCH_TOOLS:-$DEFAULT_TOOLS}"
 WORK="${BENCH_DIR:-$CACHE/bench-deid}"
 
@@ -118,9 +125,11 @@ fi
 
 # --- runs --------------------------------------------------------------------------------------
 tool_cmd() { # tool OUT -> the command line, one word per line
-  case "$1" in
-    cp | cp+sync) printf '%s\n' cp -r "$CORPUS" "$2" ;;
-    fracture-nofsync) printf '%s\n' eatmydata "$FRACTURE_BIN" deid "$CORPUS" --out "$2" --key-file "$SECRETS/key" ;;
+  case "${1%+sync}" in
+    cp) printf '%s\n' cp -r "$CORPUS" "$2" ;;
+    fracture-nosync)
+      command -v eatmydata >/dev/null || die "fracture-nosync needs eatmydata (apt-get install eatmydata)"
+      printf '%s\n' eatmydata "$FRACTURE_BIN" deid "$CORPUS" --out "$2" --key-file "$SECRETS/key" ;;
     fracture) printf '%s\n' "$FRACTURE_BIN" deid "$CORPUS" --out "$2" --key-file "$SECRETS/key" ;;
     gdcmanon) printf '%s\n' gdcmanon -e -c "$SECRETS/cert.pem" -i "$CORPUS" -o "$2" ;;
     dicognito) printf '%s\n' "$PY" -m dicognito -q -o "$2" "$CORPUS" ;;
@@ -134,17 +143,18 @@ LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "warming the page cache over the corpus ($IN_BYTES bytes) ..."
 cat "$CORPUS"/* >/dev/null
 
-for tool in $TOOLS; do
-  out="$WORK/out-$tool"
-  mapfile -t cmd < <(tool_cmd "$tool" "$out")
-  best="" best_rss="" best_rc="" best_files=""
-  for ((run = 1; run <= RUNS; run++)); do
+declare -A best best_rss best_rc best_files cmdline
+for ((run = 1; run <= RUNS; run++)); do
+  for tool in $TOOLS; do
+    out="$WORK/out-$tool"
+    mapfile -t cmd < <(tool_cmd "$tool" "$out")
+    cmdline[$tool]="${cmd[*]}"
     rm -rf "$out"
     sync
     tfile="$WORK/time-$tool-$run.txt"
     start=$(date +%s.%N)
     set +e
-    if [[ "$tool" == cp+sync ]]; then
+    if [[ "$tool" == *+sync ]]; then
       (cd "$WORK/cwd" && /usr/bin/time -v -o "$tfile" "${cmd[@]}" >"$WORK/log-$tool-$run.txt" 2>&1 && sync)
     else
       (cd "$WORK/cwd" && /usr/bin/time -v -o "$tfile" "${cmd[@]}" >"$WORK/log-$tool-$run.txt" 2>&1)
@@ -156,12 +166,17 @@ for tool in $TOOLS; do
     rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$tfile")
     files=$(find "$out" -type f -name '*.dcm' 2>/dev/null | wc -l)
     log "$tool run $run: ${wall}s rc=$rc peak RSS ${rss} KiB, $files .dcm files out"
-    if [[ -z "$best" ]] || awk -v w="$wall" -v b="$best" 'BEGIN {exit !(w < b)}'; then
-      best=$wall best_rc=$rc best_files=$files
+    if [[ -z "${best[$tool]:-}" ]] || awk -v w="$wall" -v b="${best[$tool]}" 'BEGIN {exit !(w < b)}'; then
+      best[$tool]=$wall best_rc[$tool]=$rc best_files[$tool]=$files
     fi
-    [[ -z "$best_rss" || "$rss" -gt "$best_rss" ]] && best_rss=$rss
+    [[ -z "${best_rss[$tool]:-}" || "$rss" -gt "${best_rss[$tool]}" ]] && best_rss[$tool]=$rss
+    # The outputs are 2 GB each: only one is kept at a time.
+    rm -rf "$out"
   done
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$best" "$best_rss" "$best_rc" "$best_files" "${cmd[*]}" >>"$RESULTS"
+done
+for tool in $TOOLS; do
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "${best[$tool]}" "${best_rss[$tool]}" "${best_rc[$tool]}" \
+    "${best_files[$tool]}" "${cmdline[$tool]}" >>"$RESULTS"
 done
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -172,6 +187,6 @@ echo "- corpus: $IN_FILES files, $IN_BYTES bytes ($COPIES x RG3_UNCR.dcm, $COPIE
 echo "- host: $(nproc) cores, $(uname -sr); load average before $LOAD_BEFORE, after $LOAD_AFTER"
 echo "- ours: $FRACTURE_BIN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "- $(gdcmanon --version 2>&1 | head -n 1 | sed 's/ \$Date\$//'); dicognito $("$PY" -c 'from importlib.metadata import version; print(version("dicognito"))'), pydicom $("$PY" -c 'import pydicom; print(pydicom.__version__)'), $("$PY" --version)"
-echo "- best of $RUNS runs each, page cache warm, output folder removed and \`sync\` before each run"
+echo "- best of $RUNS interleaved runs each, page cache warm, output folder removed and \`sync\` before each run"
 echo
 "$PY" "$ROOT/scripts/bench/report.py" "$RESULTS" "$IN_FILES" "$IN_BYTES" "$MAX_FILE"

@@ -59,8 +59,9 @@ enum Command {
         instance: Option<String>,
     },
     /// De-identify DICOM files into a folder (research exports), with the ingest profile and key.
-    /// Files are processed on every core, one file per core in memory at a time;
-    /// RAYON_NUM_THREADS=1 keeps a single file in memory.
+    /// Files are processed on every core; only their attributes are parsed, and the pixel data is
+    /// copied as bytes (parsed only where a burned-in text rule edits it). The output is synced to
+    /// disk once, at the end, before the command reports success.
     Deid {
         /// DICOM files or folders (a folder's files keep their path relative to it).
         #[arg(required = true)]

@@ -86,3 +86,93 @@ fn exports_a_folder_keeping_paths_and_refusing_what_is_not_dicom() {
         String::from_utf8_lossy(&st.stdout)
     );
 }
+
+/// The export applies the burned-in text rules ingest applies: an image that declares burned-in
+/// text is refused until a rule for its device exists, then exported with the rule's rectangle
+/// blacked out and Clean Pixel Data recorded.
+#[test]
+fn declared_burned_in_text_is_refused_until_a_rule_cleans_it() {
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    common::edit(
+        &common::fixtures().join("RG3_UNCR.dcm"),
+        &input.join("burned.dcm"),
+        |o| {
+            o.put(dicom_core::DataElement::new(
+                tags::BURNED_IN_ANNOTATION,
+                dicom_core::VR::CS,
+                dicom_core::PrimitiveValue::from("YES"),
+            ));
+        },
+    );
+    let key = work.path().join("key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let run = |out: &str, config: Option<&std::path::Path>| {
+        let mut cmd = Command::new(BIN);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let st = cmd
+            .arg("deid")
+            .arg(&input)
+            .arg("--out")
+            .arg(work.path().join(out))
+            .arg("--key-file")
+            .arg(&key)
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        work.path().join(out)
+    };
+
+    let out = run("no-rule", None);
+    assert!(
+        !out.join("burned.dcm").exists(),
+        "not exported without a rule"
+    );
+    let refused = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    assert!(
+        refused.contains("burned.dcm") && refused.contains("burned-in annotation"),
+        "{refused}"
+    );
+
+    let config = work.path().join("rules.toml");
+    std::fs::write(
+        &config,
+        "[[ingest.burned_in]]\nmanufacturer = \"FUJI PHOTO FILM Co. ltd.\"\nmodel = \"IRS\"\nrectangles = [[0, 0, 8, 2]]\n",
+    )
+    .unwrap();
+    let out = run("with-rule", Some(&config));
+    let copy = dicom_object::open_file(out.join("burned.dcm")).expect("exported with a rule");
+    assert_eq!(text(&copy, tags::BURNED_IN_ANNOTATION), "NO");
+    let codes: Vec<String> = copy
+        .element(tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i.element(tags::CODE_VALUE)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    assert!(codes.contains(&"113101".to_string()), "{codes:?}");
+    let px = copy
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_multi_int::<u16>()
+        .unwrap();
+    // MONOCHROME1, 10 bits stored: black is 1023.
+    assert_eq!(&px[..8], &[1023; 8]);
+    assert_eq!(&px[1760..1768], &[1023; 8]);
+}

@@ -36,25 +36,36 @@ fn int(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<u32> {
     obj.element(tag).ok().and_then(|e| e.to_int::<u32>().ok())
 }
 
-/// Applies the matching rule, if any. `Ok(true)` when pixels were cleaned; an error (a data
-/// error: the input is quarantined) when the image declares burned-in annotation that no rule
-/// covers, or a rule applies to pixels we cannot edit in place.
-pub fn apply(obj: &mut DefaultDicomObject, rules: &[PixelRule]) -> Result<bool, StageError> {
+/// The rule that covers this image's device, from its attributes alone (the pixels need not be
+/// parsed to decide): `None` when no rule does, an error (the input is quarantined) when the image
+/// declares burned-in annotation that no rule covers.
+pub fn rule_for<'r>(
+    obj: &DefaultDicomObject,
+    rules: &'r [PixelRule],
+) -> Result<Option<&'r PixelRule>, StageError> {
     let manufacturer = text(obj, tags::MANUFACTURER);
     let model = text(obj, tags::MANUFACTURER_MODEL_NAME);
-    let declared = text(obj, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES");
     let rule = rules.iter().find(|r| {
         r.manufacturer.trim().eq_ignore_ascii_case(&manufacturer)
             && (r.model.trim().is_empty() || r.model.trim().eq_ignore_ascii_case(&model))
     });
-    let Some(rule) = rule else {
-        if declared {
-            return Err(StageError::data(format!(
-                "quarantined: the image declares burned-in annotation (0028,0301 = YES) and no pixel rule covers manufacturer {manufacturer:?} model {model:?}; add an [[ingest.burned_in]] rule with the rectangles this device writes text into, then send it again"
-            )));
-        }
+    if rule.is_none() && text(obj, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
+        return Err(StageError::data(format!(
+            "quarantined: the image declares burned-in annotation (0028,0301 = YES) and no pixel rule covers manufacturer {manufacturer:?} model {model:?}; add an [[ingest.burned_in]] rule with the rectangles this device writes text into, then send it again"
+        )));
+    }
+    Ok(rule)
+}
+
+/// Applies the matching rule, if any. `Ok(true)` when pixels were cleaned; an error (a data
+/// error: the input is quarantined) when the image declares burned-in annotation that no rule
+/// covers, or a rule applies to pixels we cannot edit in place.
+pub fn apply(obj: &mut DefaultDicomObject, rules: &[PixelRule]) -> Result<bool, StageError> {
+    let Some(rule) = rule_for(obj, rules)? else {
         return Ok(false);
     };
+    let manufacturer = text(obj, tags::MANUFACTURER);
+    let model = text(obj, tags::MANUFACTURER_MODEL_NAME);
     let (rows, cols) = (
         int(obj, tags::ROWS).unwrap_or(0) as usize,
         int(obj, tags::COLUMNS).unwrap_or(0) as usize,

@@ -23,6 +23,7 @@ use sha2::Sha256;
 
 use fracture_shared::error::StageError;
 
+pub mod passthrough;
 pub mod table;
 
 pub use table::{Basic, Row, TABLE};

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::deid::{deidentify, DeidPolicy};
+use crate::deid::passthrough::{self, Cleaned, Source};
+use crate::deid::DeidPolicy;
 use crate::walk::{walk, Input};
-use fracture_shared::pixels;
 
 /// What an export did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,55 +35,53 @@ fn destination(root: &Path, file: &Path, out: &Path) -> PathBuf {
     }
 }
 
-/// A written copy waiting for its sync and rename.
-struct Written {
-    file: std::fs::File,
-    tmp: PathBuf,
-    dest: PathBuf,
-    source: PathBuf,
-}
-
-fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<(u64, Written), String> {
-    let bytes = std::fs::read(input).map_err(|e| format!("cannot read the file: {}", e.kind()))?;
-    if bytes.is_empty() {
-        return Err("empty file (0 bytes)".into());
-    }
-    let size = bytes.len() as u64;
-    let obj = pixels::read_object(&bytes).map_err(|e| e.message)?;
-    // The parsed object holds everything: free the input before the output is encoded.
-    drop(bytes);
-    let (clean, _) = deidentify(obj, policy).map_err(|e| e.message)?;
+/// De-identifies one file into `dest` (written aside, renamed when complete); its size.
+fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<u64, String> {
+    let file =
+        std::fs::File::open(input).map_err(|e| format!("cannot read the file: {}", e.kind()))?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {}", e.kind()))?
+        .len();
+    // The attributes are parsed and cleaned; the pixel data is copied as bytes, file to file.
+    let Cleaned {
+        object,
+        mut passage,
+        ..
+    } = passthrough::clean(Source::open(file).map_err(|e| e.message)?, policy)
+        .map_err(|e| e.message)?;
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create the output folder: {}", e.kind()))?;
     }
-    // Encoded straight into the file (no second in-memory copy), aside, renamed once synced.
+    // Written aside and renamed once complete.
     let tmp = dest.with_extension("partial");
     let f = std::fs::File::create(&tmp)
         .map_err(|e| format!("cannot write the de-identified copy: {}", e.kind()))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    clean
-        .write_all(&mut w)
-        .map_err(|e| format!("cannot write the de-identified copy: {e}"))?;
-    let file = w
-        .into_inner()
-        .map_err(|e| format!("cannot write the de-identified copy: {}", e.error().kind()))?;
-    Ok((
-        size,
-        Written {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
-            source: input.to_path_buf(),
-        },
-    ))
+    let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+    let written = passage.write(&object, &mut w).map_err(|e| e.message);
+    let done = written
+        .and_then(|()| {
+            w.into_inner()
+                .map(drop)
+                .map_err(|e| format!("cannot write the de-identified copy: {}", e.error().kind()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| format!("cannot write the de-identified copy: {}", e.kind()))
+        });
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(size)
 }
 
 /// What became of one walked input.
 enum Done {
     Skipped,
     Refused(PathBuf, String),
-    Written(u64, Written),
+    Written(u64),
 }
 
 /// De-identifies every DICOM file under `roots` into `out`; `progress` is called per input.
@@ -96,26 +94,6 @@ pub fn export(
     std::fs::create_dir_all(out)?;
     let mut report = ExportReport::default();
     let mut refused = Vec::new();
-    // Syncing each copy to disk waits on the device: a second thread does it (and the rename
-    // that publishes the copy), so the disk wait overlaps the next file's work.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Written>(4);
-    let syncer = std::thread::spawn(move || {
-        let mut failed = Vec::new();
-        for w in rx {
-            if let Err(e) = w
-                .file
-                .sync_data()
-                .and_then(|()| std::fs::rename(&w.tmp, &w.dest))
-            {
-                let _ = std::fs::remove_file(&w.tmp);
-                failed.push(Refused {
-                    source: w.source.display().to_string(),
-                    reason: format!("cannot write the de-identified copy: {}", e.kind()),
-                });
-            }
-        }
-        failed
-    });
     // Files are parsed, de-identified and encoded on every core, a chunk at a time so memory
     // stays bounded (at most one file per core in flight) and results are handled in walk order.
     let chunk = 8 * rayon::current_num_threads().max(1);
@@ -129,7 +107,7 @@ pub fn export(
                     Input::Skipped(_) => Done::Skipped,
                     Input::Unreadable(p, reason) => Done::Refused(p, reason),
                     Input::File(p) => match one(&p, &destination(root, &p, out), policy) {
-                        Ok((n, written)) => Done::Written(n, written),
+                        Ok(n) => Done::Written(n),
                         Err(reason) => Done::Refused(p, reason),
                     },
                 })
@@ -144,29 +122,35 @@ pub fn export(
                             reason,
                         });
                     }
-                    Done::Written(n, written) => {
+                    Done::Written(n) => {
                         report.written += 1;
                         report.bytes += n;
                         progress(n);
-                        if tx.send(written).is_err() {
-                            return Err(std::io::Error::other("the writer thread stopped"));
-                        }
                     }
                 }
             }
         }
     }
-    drop(tx);
-    let failed = syncer
-        .join()
-        .map_err(|_| std::io::Error::other("the writer thread panicked"))?;
-    report.written -= failed.len() as u64;
-    report.refused += failed.len() as u64;
-    refused.extend(failed);
-    let mut f = std::fs::File::create(out.join("dead-letter.jsonl"))?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("dead-letter.jsonl"))?);
     for r in &refused {
         serde_json::to_writer(&mut f, r)?;
         f.write_all(b"\n")?;
     }
+    f.into_inner().map_err(|e| e.into_error())?;
+    // One sync of the output's file system when everything is written, instead of one per file:
+    // the export reports success only once every copy is on disk.
+    sync_file_system(out)?;
     Ok((report, refused))
+}
+
+/// Flushes everything written to the file system that holds `dir` (syncfs(2)).
+fn sync_file_system(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open for the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

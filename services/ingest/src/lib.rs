@@ -20,12 +20,12 @@ use fracture_shared::error::StageError;
 use fracture_shared::messages::{
     decode, encode, schema, DeadLetter, Deidentified, ErrorKind, Message, RadiographId,
 };
-use fracture_shared::pixels;
 use fracture_shared::region;
 use fracture_shared::stage::Shutdown;
 use fracture_shared::store::BlobStore;
 use fracture_shared::telemetry;
 
+pub use deid::passthrough::{Cleaned, Source};
 pub use deid::{deidentify, DeidPolicy};
 pub use linkage::{Linkage, LinkageReader, LinkageRow};
 pub use walk::{walk, Input};
@@ -169,23 +169,25 @@ pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
 }
 
 impl Ingest {
-    /// De-identifies one DICOM file's bytes and stores the result.
+    /// De-identifies one DICOM file and stores the result. The pixel data is not decoded: it
+    /// passes through as bytes (see [`deid::passthrough`]), so memory is one copy of the output.
     async fn radiograph(
         &self,
         input: &str,
-        bytes: &[u8],
-        source: &Path,
+        file: std::fs::File,
+        size: u64,
+        source: &str,
     ) -> Result<Deidentified, StageError> {
-        let mut obj = pixels::read_object(bytes)?;
-        check_radiograph(&obj)?;
-        let pixels_cleaned = burned_in::apply(&mut obj, &self.policy.pixel_rules)?;
+        let src = Source::open(file)?;
+        let obj = src.object();
+        check_radiograph(obj)?;
         let region = self.policy.regions.classify(&[
-            text(&obj, tags::BODY_PART_EXAMINED).as_deref(),
-            text(&obj, tags::STUDY_DESCRIPTION).as_deref(),
-            text(&obj, tags::SERIES_DESCRIPTION).as_deref(),
-            text(&obj, tags::PROTOCOL_NAME).as_deref(),
+            text(obj, tags::BODY_PART_EXAMINED).as_deref(),
+            text(obj, tags::STUDY_DESCRIPTION).as_deref(),
+            text(obj, tags::SERIES_DESCRIPTION).as_deref(),
+            text(obj, tags::PROTOCOL_NAME).as_deref(),
         ]);
-        let modality = text(&obj, tags::MODALITY).unwrap_or_default();
+        let modality = text(obj, tags::MODALITY).unwrap_or_default();
         let rows = obj
             .element(tags::ROWS)
             .ok()
@@ -196,10 +198,12 @@ impl Ingest {
             .ok()
             .and_then(|e| e.to_int::<u32>().ok())
             .unwrap_or(0);
-        let (mut clean, originals) = deidentify(obj, &self.policy)?;
-        if pixels_cleaned {
-            burned_in::mark_cleaned(&mut clean);
-        }
+        let Cleaned {
+            object: clean,
+            originals,
+            mut passage,
+            ..
+        } = deid::passthrough::clean(src, &self.policy)?;
         let id = RadiographId {
             input: input.to_string(),
             study_instance_uid: self.policy.pseudonymise_uid(&originals.study_instance_uid),
@@ -210,7 +214,7 @@ impl Ingest {
         self.linkage
             .record(&LinkageRow {
                 input: input.to_string(),
-                source: source.display().to_string(),
+                source: source.to_string(),
                 study_instance_uid: id.study_instance_uid.clone(),
                 series_instance_uid: id.series_instance_uid.clone(),
                 sop_instance_uid: id.sop_instance_uid.clone(),
@@ -218,7 +222,10 @@ impl Ingest {
             })
             .await
             .map_err(|e| StageError::external(format!("cannot write the linkage table: {e}")))?;
-        let encoded = pixels::write_object(&clean)?;
+        // Sized once for the whole output (the attributes change by a few kilobytes), so the
+        // buffer never doubles: memory is one copy of the radiograph.
+        let mut encoded = Vec::with_capacity(usize::try_from(size).unwrap_or(0) + (1 << 20));
+        passage.write(&clean, &mut encoded)?;
         let dicom = self
             .store
             .put(Bytes::from(encoded), "application/dicom")
@@ -255,12 +262,30 @@ impl Ingest {
     /// Turns one walked input into its message (a radiograph or a dead letter), or nothing for
     /// a skipped file.
     pub async fn process(&self, item: &Input) -> (Outcome, Option<OutRecord>, u64) {
+        let path = match item {
+            Input::Skipped(_) => return (Outcome::Skipped, None, 0),
+            Input::File(p) | Input::Unreadable(p, _) => p,
+        };
+        let input = self.input_id(path);
+        let source = path.display().to_string();
+        self.process_as(item, &input, &source).await
+    }
+
+    /// Like [`Ingest::process`], for an input whose reference and linkage source are not its
+    /// file's path: a door that spools what it receives (DICOMweb) names the input by where it
+    /// came from, so the reference survives a change of spool folder.
+    pub async fn process_as(
+        &self,
+        item: &Input,
+        input: &str,
+        source: &str,
+    ) -> (Outcome, Option<OutRecord>, u64) {
         let (path, problem) = match item {
             Input::Skipped(_) => return (Outcome::Skipped, None, 0),
             Input::File(p) => (p, None),
             Input::Unreadable(p, why) => (p, Some(why.clone())),
         };
-        let input = self.input_id(path);
+        let input = input.to_string();
         let trace = telemetry::new_trace();
         let started = std::time::SystemTime::now();
         let headers = vec![(
@@ -269,7 +294,7 @@ impl Ingest {
         )];
         let link_only = LinkageRow {
             input: input.clone(),
-            source: path.display().to_string(),
+            source: source.to_string(),
             ..Default::default()
         };
         if let Some(why) = problem {
@@ -280,16 +305,16 @@ impl Ingest {
             r.headers = headers;
             return (Outcome::DeadLettered, Some(r), 0);
         }
-        let result = match tokio::fs::read(path).await {
+        let opened = std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
+        let result = match opened {
             Err(e) => Err(StageError::data(format!(
                 "cannot read the file: {}",
                 e.kind()
             ))),
-            Ok(b) if b.is_empty() => Err(StageError::data("empty file (0 bytes)")),
-            Ok(b) => {
-                let n = b.len() as u64;
-                self.radiograph(&input, &b, path).await.map(|m| (m, n))
-            }
+            Ok((n, file)) => self
+                .radiograph(&input, file, n, source)
+                .await
+                .map(|m| (m, n)),
         };
         if fracture_shared::otlp::enabled() {
             let now = std::time::SystemTime::now();
@@ -375,9 +400,27 @@ impl Ingest {
         item: &Input,
         stop: Option<&Shutdown>,
     ) -> Option<(Outcome, Option<OutRecord>, u64)> {
+        let path = match item {
+            Input::Skipped(_) => return Some((Outcome::Skipped, None, 0)),
+            Input::File(p) | Input::Unreadable(p, _) => p,
+        };
+        let source = path.display().to_string();
+        self.process_retrying_as(item, &self.input_id(path), &source, stop)
+            .await
+    }
+
+    /// [`Ingest::process_retrying`] under a given reference and source (see
+    /// [`Ingest::process_as`]).
+    pub async fn process_retrying_as(
+        &self,
+        item: &Input,
+        input: &str,
+        source: &str,
+        stop: Option<&Shutdown>,
+    ) -> Option<(Outcome, Option<OutRecord>, u64)> {
         let mut delay = std::time::Duration::from_millis(200);
         loop {
-            let got = self.process(item).await;
+            let got = self.process_as(item, input, source).await;
             let external = matches!(&got, (Outcome::DeadLettered, Some(r), _)
                 if decode::<DeadLetter>(&r.payload).is_ok_and(|d| d.kind == ErrorKind::External));
             if !external {

@@ -11,7 +11,9 @@ use dicom_core::header::Header;
 use dicom_core::value::Value;
 use dicom_core::{Tag, VR};
 use dicom_object::{DefaultDicomObject, InMemDicomObject};
+use fracture_ingest::deid::passthrough;
 use fracture_ingest::deid::{deidentify, DeidPolicy};
+use fracture_ingest::Source;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -136,14 +138,59 @@ pub fn open(path: &Path) -> DefaultDicomObject {
         .unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
 }
 
-/// De-identifies a file the way ingest does and returns the object and the written bytes.
+/// De-identifies a file the way ingest does (the pixel data passed through as bytes) and returns
+/// the object and the written bytes.
 pub fn deidentify_file(path: &Path) -> (DefaultDicomObject, Vec<u8>) {
-    let (clean, _) = deidentify(open(path), &policy())
+    let file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let source =
+        Source::open(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut cleaned = passthrough::clean(source, &policy())
         .unwrap_or_else(|e| panic!("de-identifying {} failed: {e}", path.display()));
-    let bytes = fracture_shared::pixels::write_object(&clean).expect("the output serialises");
+    let mut bytes = Vec::new();
+    cleaned
+        .passage
+        .write(&cleaned.object, &mut bytes)
+        .expect("the output serialises");
     // Read back what was written, so the checks see the file, not the in-memory object.
     let reread = fracture_shared::pixels::read_object(&bytes).expect("the output parses");
     (reread, bytes)
+}
+
+/// The same, parsing the whole file (pixel data included) and writing the object back, as
+/// ingest did before the pixel data passed through: the reference the pass-through must equal.
+pub fn deidentify_file_whole(path: &Path) -> (DefaultDicomObject, Vec<u8>) {
+    let (clean, _) = deidentify(open(path), &policy())
+        .unwrap_or_else(|e| panic!("de-identifying {} failed: {e}", path.display()));
+    let bytes = fracture_shared::pixels::write_object(&clean).expect("the output serialises");
+    let reread = fracture_shared::pixels::read_object(&bytes).expect("the output parses");
+    (reread, bytes)
+}
+
+/// RG3_UNCR.dcm written in every transfer syntax of FIXTURES.md by
+/// `scripts/transfer-syntaxes.sh` (which installs dcmtk and gdcm when missing): (name, path).
+pub fn transfer_syntax_variants() -> Vec<(String, PathBuf)> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let cache = std::env::var_os("FRACTURE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fracture")
+            });
+        let out = cache.join("transfer-syntaxes");
+        PathBuf::from(run_script(
+            &repo_root().join("scripts/transfer-syntaxes.sh"),
+            &[out.to_str().expect("a UTF-8 cache path")],
+        ))
+    });
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    v.sort();
+    v
 }
 
 /// A place in a data set: the tags and item indices leading to an element.
