@@ -18,10 +18,15 @@ pub use stow::{serve_stow, serve_stow_on};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DicomwebConfig {
-    /// Base URL of a PACS's DICOMweb service to back-scan, e.g. `http://pacs:8042/dicom-web`
-    /// (`fracture serve ingest` scans it once at start, resuming where an earlier run stopped).
-    /// Empty: no back-scan.
+    /// Base URL of a PACS's DICOMweb service to back-scan, e.g. `https://pacs/dicom-web` or
+    /// `http://pacs:8042/dicom-web` (`fracture serve ingest` scans it once at start, resuming
+    /// where an earlier run stopped). Empty: no back-scan. With `https://` the PACS's certificate
+    /// is verified for the URL's host against the system's root certificates and `ca_file`.
     pub url: String,
+    /// A PEM file of CA certificates trusted, besides the system's, for an `https://` url: the
+    /// CA that issued the PACS's certificate (e.g. the hospital's internal CA). Empty: the
+    /// system's only. Verification cannot be turned off.
+    pub ca_file: String,
     /// A file holding one header sent with every request to the PACS: `Name: value` (e.g.
     /// `Authorization: Bearer ...`), or a bare value sent as `Authorization`. Empty: none.
     pub auth_header_file: String,
@@ -39,11 +44,12 @@ pub struct DicomwebConfig {
     pub max_object_bytes: u64,
     /// Folder for objects while they are ingested (mode 0700: it holds PHI for the seconds an
     /// object takes; each file is removed once handled). The references of back-scanned
-    /// instances derive from this folder's name and `url`: keep both fixed between the runs of
-    /// one back-scan, or it starts over.
+    /// instances derive from `url` (and the key), not from this folder: it may move between the
+    /// runs of one back-scan, but a changed `url` starts it over.
     pub spool: String,
     /// Address for the STOW-RS endpoint (`POST /studies`, `POST /studies/{study}`), e.g.
-    /// `0.0.0.0:8043`. Empty: closed.
+    /// `0.0.0.0:8043`. Empty: closed. Plain HTTP: put a TLS terminator in front of it on any
+    /// network that is not trusted.
     pub stow_listen: String,
     /// A file holding the bearer token STOW-RS clients must send (`Authorization: Bearer ...`).
     /// Empty: no authentication (keep the endpoint on a trusted network).
@@ -58,6 +64,7 @@ impl Default for DicomwebConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            ca_file: String::new(),
             auth_header_file: String::new(),
             modalities: vec!["CR".into(), "DX".into()],
             study_dates: String::new(),

@@ -445,10 +445,39 @@ async fn a_back_scan_retrieves_the_wanted_radiographs_deidentified_and_resumes()
     assert_eq!(first.ingest.produced as usize, deid.len());
     assert!(pipe.spool_files().is_empty(), "the spool is emptied");
 
-    // 2. The same scan again, knowing what was published: nothing is sent twice.
+    // The linkage table names each input by where it came from: its WADO-RS reference.
+    let sources = pipe
+        .ingest
+        .linkage
+        .sources()
+        .await
+        .expect("the linkage table");
+    for file in [&a.rg3, &a.rg3_jpeg, &a.cat] {
+        let (study, series, sop) = uids(file);
+        let reference = dicomweb::scan::instance_reference(&cfg, &study, &series, &sop);
+        assert!(
+            sources.get(&input_of(&pipe, &cfg, file)) == Some(&reference),
+            "the linkage source of an instance is its WADO-RS reference"
+        );
+    }
+
+    // 2. The same scan again, from another spool folder, knowing what was published: the
+    //    references derive from the PACS URL and the instance, not the spool, so nothing is
+    //    sent twice.
     let done = inputs.clone();
+    let moved = DicomwebConfig {
+        spool: pipe.dir.path().join("spool-moved").display().to_string(),
+        ..cfg.clone()
+    };
+    for file in [&a.rg3, &a.rg3_jpeg, &a.cat] {
+        assert_eq!(
+            input_of(&pipe, &moved, file),
+            input_of(&pipe, &cfg, file),
+            "a reference does not depend on the spool folder"
+        );
+    }
     let second = dicomweb::back_scan(
-        &cfg,
+        &moved,
         &pipe.ingest,
         producer.as_mut(),
         2,
@@ -465,6 +494,10 @@ async fn a_back_scan_retrieves_the_wanted_radiographs_deidentified_and_resumes()
     );
     assert_eq!(second.ingest.produced, 0);
     assert_eq!(second.ingest.resumed, first.instances);
+    assert!(
+        second.complete && second.instances == first.instances,
+        "{second:?}"
+    );
 
     // 3. Every date, CT asked for too: the 1999 study arrives; the CT instance is listed but
     //    never retrieved (its SOP class is not a radiograph's); nothing earlier is sent again.
@@ -699,14 +732,335 @@ async fn a_busy_pacs_is_waited_for_a_missing_instance_dead_lettered_and_the_key_
         "a dead letter names no UID: {}",
         dead[0].reason
     );
-    // The references survive a trailing slash on the configured URL.
+    // What an earlier release published under a spool-path reference is not fetched again.
+    let legacy: HashSet<String> = ["1.2.3.4.5", "1.2.3.4.6"]
+        .iter()
+        .map(|i| {
+            let (spool_file, _) =
+                dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", i);
+            pipe.ingest.input_id(&spool_file)
+        })
+        .collect();
+    let again = dicomweb::back_scan(
+        &cfg,
+        &pipe.ingest,
+        producer.as_mut(),
+        4,
+        &legacy,
+        None,
+        |_, _| {},
+    )
+    .await
+    .expect("the scan runs");
+    assert_eq!(
+        (
+            again.ingest.resumed,
+            again.ingest.produced,
+            again.ingest.dead_lettered
+        ),
+        (2, 0, 0),
+        "{again:?}"
+    );
+    let (deid, dead) = pipe.published().await;
+    assert!(deid.is_empty() && dead.is_empty());
+    // The references survive a trailing slash on the configured URL and a moved spool.
     cfg.url = cfg.url.replace("/dicom-web", "/dicom-web/");
+    cfg.spool = pipe.dir.path().join("elsewhere").display().to_string();
     assert_eq!(
         dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.6").1,
         gone,
-        "a trailing slash is the same PACS"
+        "a trailing slash is the same PACS, another spool the same instance"
     );
     assert!(pipe.spool_files().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS
+//
+// Debian bookworm's Orthanc 1.10.1 cannot serve HTTPS: with "SslEnabled" its civetweb
+// (libcivetweb1 1.15, which dlopens an unversioned libssl.so and finds OpenSSL 3) crashes on the
+// first HTTPS request (a call through a NULL pointer in a worker thread). So the back-scan
+// reaches the shared Orthanc through a TLS terminator of our own: a real rustls handshake with a
+// throwaway CA, each connection relayed to Orthanc's HTTP port.
+
+/// A throwaway CA and a server certificate it issued for `localhost` (a DNS name only), made
+/// with the openssl command line tool in `dir`: (CA PEM, server chain PEM, server key PEM).
+fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = ca\n\
+         [dn]\nCN = fracture test CA (throwaway)\n\
+         [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier = hash\n",
+    )
+    .expect("write ca.cnf");
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+         extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost\n\
+         subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n",
+    )
+    .expect("write server.ext");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run openssl ({e}): the HTTPS test makes its throwaway CA with the openssl \
+                     command line tool; install it (Debian package openssl, which ca-certificates \
+                     depends on)"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-config", "ca.cnf"][..],
+            &ec,
+            &["-days", "2", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req", "-new", "-config", "ca.cnf", "-subj", "/CN=localhost"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"],
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "0x5eed0001",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// A TLS terminator in front of the test's Orthanc.
+struct TlsFront {
+    _dir: tempfile::TempDir,
+    /// The throwaway CA that issued the front's certificate.
+    ca: PathBuf,
+    port: u16,
+    /// Orthanc's DICOMweb path (`/dicom-web`).
+    base_path: String,
+    /// TCP connections accepted (handshakes tried).
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsFront {
+    async fn start() -> Self {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let backend = dicomweb::http::Endpoint::parse(orthanc()).expect("Orthanc's URL");
+        let dir = tempfile::tempdir().expect("a temp folder");
+        let (ca, chain, key) = test_certificates(dir.path());
+        let chain = CertificateDer::pem_file_iter(&chain)
+            .expect("the server certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM");
+        let key = PrivateKeyDer::from_pem_file(&key).expect("the server key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("a server configuration");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let port = listener.local_addr().expect("an address").port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let (host, backend_port) = (backend.host.clone(), backend.port);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let host = host.clone();
+                tokio::spawn(async move {
+                    // A client that refuses our certificate ends the handshake here.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut orthanc) =
+                        tokio::net::TcpStream::connect((host.as_str(), backend_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut orthanc).await;
+                });
+            }
+        });
+        Self {
+            _dir: dir,
+            ca,
+            port,
+            base_path: backend.base_path,
+            connections,
+        }
+    }
+
+    fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}{}", self.port, self.base_path)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_back_scan_over_https_verifies_the_pacs_certificate() {
+    let files = tempfile::tempdir().expect("a temp folder");
+    // A study of its own, dated apart from the other tests' ranges.
+    let rg3 = derived(
+        &fixture("RG3_UNCR.dcm"),
+        &files.path().join("rg3-https.dcm"),
+        &[
+            ("(0008,0020)", "19850101"),
+            ("(0020,000D)", "2.25.271828182845904523536028747135266012"),
+            ("(0020,000E)", "2.25.271828182845904523536028747135266013"),
+            ("(0008,0018)", "2.25.271828182845904523536028747135266014"),
+        ],
+    );
+    upload(&rg3);
+    let front = TlsFront::start().await;
+    let mut pipe = Pipe::new().await;
+    let mut producer = pipe.producer("https").await;
+    let mut cfg = DicomwebConfig {
+        url: front.url("localhost"),
+        spool: pipe.spool().display().to_string(),
+        study_dates: "19850101".into(),
+        timeout_s: 60,
+        ..Default::default()
+    };
+
+    // Without ca_file the throwaway CA is not trusted: the scan stops at once (an outage would be
+    // waited out; a certificate will not change by waiting) and says what to set.
+    let untrusted = scan_once(&pipe, producer.as_mut(), &cfg).await;
+    let Err(dicomweb::ScanError::Tls(message)) = untrusted else {
+        panic!("an untrusted certificate stops the scan: {untrusted:?}");
+    };
+    assert!(
+        message.contains("not trusted") && message.contains("ingest.dicomweb.ca_file"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("/dicom-web") && !message.contains("studies"),
+        "an error names no URL path: {message}"
+    );
+    assert_eq!(
+        front.connections(),
+        1,
+        "a refused certificate is not retried"
+    );
+
+    // The right CA, but an address the certificate does not name.
+    cfg.ca_file = front.ca.display().to_string();
+    let wrong_host = DicomwebConfig {
+        url: front.url("127.0.0.1"),
+        ..cfg.clone()
+    };
+    let refused = scan_once(&pipe, producer.as_mut(), &wrong_host).await;
+    let Err(dicomweb::ScanError::Tls(message)) = refused else {
+        panic!("a certificate for another host stops the scan: {refused:?}");
+    };
+    assert!(message.contains("not valid for the host"), "{message}");
+
+    // A CA file with a plain-HTTP URL is a configuration mistake, not a silent downgrade.
+    let plain = DicomwebConfig {
+        url: orthanc().to_string(),
+        ..cfg.clone()
+    };
+    let mistaken = scan_once(&pipe, producer.as_mut(), &plain).await;
+    assert!(
+        matches!(mistaken, Err(dicomweb::ScanError::Config(_))),
+        "{mistaken:?}"
+    );
+
+    // With the CA trusted, the radiograph comes over TLS.
+    let report = scan_once(&pipe, producer.as_mut(), &cfg)
+        .await
+        .expect("the back-scan over HTTPS runs");
+    assert!(
+        report.complete && report.ingest.produced == 1 && report.ingest.dead_lettered == 0,
+        "{report:?}"
+    );
+    let (deid, dead) = pipe.published().await;
+    assert!(dead.is_empty(), "no dead letters");
+    assert_eq!(deid.len(), 1, "the radiograph is on the bus");
+    let (study, series, sop) = uids(&rg3);
+    assert!(deid[0].id.sop_instance_uid == pipe.ingest.policy.pseudonymise_uid(&sop));
+    assert!(
+        deid[0].id.input
+            == dicomweb::scan::instance_input(&pipe.ingest, &cfg, &study, &series, &sop).1,
+        "the reference of an https:// instance"
+    );
+    assert_deidentified(&rg3, &pipe.blob(&deid[0]).await);
+    assert!(
+        front.connections() >= 3,
+        "the scan went through the TLS front"
+    );
+    producer.close().await.expect("close");
+}
+
+/// One back-scan that must end within a minute.
+async fn scan_once(
+    pipe: &Pipe,
+    producer: &mut dyn Producer,
+    cfg: &DicomwebConfig,
+) -> Result<dicomweb::ScanReport, dicomweb::ScanError> {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        dicomweb::back_scan(
+            cfg,
+            &pipe.ingest,
+            producer,
+            4,
+            &HashSet::new(),
+            None,
+            |_, _| {},
+        ),
+    )
+    .await
+    .expect("the back-scan ends within a minute (a TLS refusal is not waited out)")
 }
 
 // ---------------------------------------------------------------------------------------------

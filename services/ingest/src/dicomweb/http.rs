@@ -1,6 +1,8 @@
 //! A small HTTP/1.1 client for QIDO-RS and WADO-RS: one kept-alive connection to one PACS,
-//! every request bounded in time and size. Errors never carry the URL (it holds study UIDs).
+//! every request bounded in time and size, over TLS (rustls) for an `https://` URL. Errors never
+//! carry the URL's path (it holds study UIDs); they may name the host.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,10 +12,14 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_LENGTH, 
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+use tokio_rustls::TlsConnector;
 
 /// Where the PACS's DICOMweb service lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// `https://`: the connection is TLS, the server's certificate verified for `host`.
+    pub https: bool,
     pub host: String,
     pub port: u16,
     /// `host:port` as the Host header wants it.
@@ -23,19 +29,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `http://host[:port][/path]`. HTTPS is refused with what to do instead.
+    /// Parses `http[s]://host[:port][/path]` (ports 80 and 443 by default).
     pub fn parse(url: &str) -> Result<Self, String> {
         let uri: Uri = url
             .trim()
             .parse()
             .map_err(|e| format!("ingest.dicomweb.url is not a URL ({e})"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err("ingest.dicomweb.url is https://, which this build does not speak yet; reach the PACS over a TLS-terminating proxy on the local host (e.g. stunnel) and point the url at its http:// side".into())
-            }
-            _ => return Err("ingest.dicomweb.url must start with http://".into()),
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err("ingest.dicomweb.url must start with https:// or http://".into()),
+        };
         if uri.query().is_some() {
             return Err("ingest.dicomweb.url must not have a query (?...)".into());
         }
@@ -48,8 +52,9 @@ impl Endpoint {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         Ok(Self {
+            https,
             authority: authority.as_str().to_string(),
             host,
             port,
@@ -77,6 +82,10 @@ impl Reply {
 pub enum HttpError {
     #[error("cannot connect to the PACS at {0}: {1}")]
     Connect(String, String),
+    /// Not transient: the TLS handshake failed (an untrusted or wrong certificate, no common
+    /// protocol); the message says what to change.
+    #[error("{0}")]
+    Tls(String),
     #[error("the PACS did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the connection to the PACS failed: {0}")]
@@ -91,21 +100,26 @@ pub struct Client {
     endpoint: Endpoint,
     auth: Option<(HeaderName, HeaderValue)>,
     timeout: Duration,
+    /// Set for an `https://` endpoint.
+    tls: Option<TlsConnector>,
     sender: Option<http1::SendRequest<Empty<Bytes>>>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
+    /// A client for `endpoint`; an `https://` one needs `tls` (see [`tls_connector`]).
     pub fn new(
         endpoint: Endpoint,
         auth: Option<(HeaderName, HeaderValue)>,
         timeout: Duration,
+        tls: Option<TlsConnector>,
     ) -> Self {
         Self {
             endpoint,
             auth,
             timeout,
+            tls,
             sender: None,
         }
     }
@@ -202,23 +216,124 @@ impl Client {
 
     async fn connect(&self) -> Result<http1::SendRequest<Empty<Bytes>>, HttpError> {
         let where_ = self.endpoint.authority.clone();
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port)),
-        )
-        .await
-        .map_err(|_| HttpError::Connect(where_.clone(), "timed out".into()))?
-        .map_err(|e| HttpError::Connect(where_.clone(), e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        let connected = async {
+            let stream = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+                .await
+                .map_err(|e| HttpError::Connect(where_.clone(), e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            if !self.endpoint.https {
+                return handshake(TokioIo::new(stream), &where_).await;
+            }
+            let Some(tls) = &self.tls else {
+                return Err(HttpError::Tls(
+                    "an https:// PACS needs a TLS configuration (a bug: none was given)".into(),
+                ));
+            };
+            let name = rustls::pki_types::ServerName::try_from(self.endpoint.host.clone())
+                .map_err(|_| {
+                    HttpError::Tls(format!(
+                        "ingest.dicomweb.url: {:?} is neither a DNS name nor an IP address a TLS certificate can name",
+                        self.endpoint.host
+                    ))
+                })?;
+            let stream = tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| tls_error(&self.endpoint, e))?;
+            handshake(TokioIo::new(stream), &where_).await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connected)
             .await
-            .map_err(|e| HttpError::Connect(where_, e.to_string()))?;
-        tokio::spawn(async move {
-            // Ends when the sender is dropped or the peer closes; errors surface on the sender.
-            let _ = connection.await;
-        });
-        Ok(sender)
+            .map_err(|_| HttpError::Connect(where_.clone(), "timed out".into()))?
     }
+}
+
+/// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task of its own.
+async fn handshake<T>(io: T, where_: &str) -> Result<http1::SendRequest<Empty<Bytes>>, HttpError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(io)
+        .await
+        .map_err(|e| HttpError::Connect(where_.to_string(), e.to_string()))?;
+    tokio::spawn(async move {
+        // Ends when the sender is dropped or the peer closes; errors surface on the sender.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// The TLS setup for an `https://` PACS: rustls (ring), trusting the system's root
+/// certificates and those of `ca_file` (a PEM bundle, e.g. the hospital's internal CA; empty:
+/// none). The server's certificate is always verified, for the URL's host.
+pub fn tls_connector(ca_file: &str) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (system, _) = roots.add_parsable_certificates(native.certs);
+    if !native.errors.is_empty() {
+        // Only a problem if the PACS's certificate chains to a system root it could not read.
+        tracing::debug!(
+            errors = native.errors.len(),
+            "some system root certificates could not be read"
+        );
+    }
+    let ca_file = ca_file.trim();
+    let mut own = 0;
+    if !ca_file.is_empty() {
+        let certs = CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| format!("cannot read ingest.dicomweb.ca_file {ca_file} ({e})"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ingest.dicomweb.ca_file {ca_file} is not a PEM bundle ({e})"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "ingest.dicomweb.ca_file {ca_file} holds no certificate (-----BEGIN CERTIFICATE-----); give the PEM file of the CA that issued the PACS's certificate"
+            ));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                format!("ingest.dicomweb.ca_file {ca_file} holds a certificate that cannot be trusted as a CA ({e})")
+            })?;
+            own += 1;
+        }
+    }
+    tracing::debug!(system, ca_file = own, "TLS trust anchors loaded");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS ({e})"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A failed TLS handshake: a rustls verdict (the certificate, the protocol) will not change by
+/// waiting, so it stops the scan with what to do; a broken connection is retried.
+fn tls_error(endpoint: &Endpoint, e: std::io::Error) -> HttpError {
+    use rustls::{CertificateError as C, Error as R};
+    let Some(verdict) = e.get_ref().and_then(|i| i.downcast_ref::<R>()) else {
+        return HttpError::Connect(endpoint.authority.clone(), format!("TLS handshake: {e}"));
+    };
+    let host = &endpoint.host;
+    HttpError::Tls(match verdict {
+        R::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => format!(
+            "the TLS certificate of the PACS at {host} is not trusted (its issuer is not a known CA); set ingest.dicomweb.ca_file to a PEM file holding the PACS's CA certificate (e.g. the hospital's internal CA)"
+        ),
+        R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "the TLS certificate of the PACS is not valid for the host {host:?}; put a host name the certificate names in ingest.dicomweb.url"
+        ),
+        R::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => format!(
+            "the TLS certificate of the PACS at {host} has expired or is not valid yet; have the PACS's certificate renewed (or check this machine's clock)"
+        ),
+        R::InvalidCertificate(other) => format!(
+            "the TLS certificate of the PACS at {host} was refused ({other:?}); have it replaced, or set ingest.dicomweb.ca_file to the CA that issued it"
+        ),
+        other => format!(
+            "the TLS handshake with the PACS at {host} failed ({other}); check that ingest.dicomweb.url names the PACS's HTTPS port"
+        ),
+    })
 }
 
 /// Reads an auth header file: `Name: value` sends that header; a bare value is sent as
@@ -257,13 +372,21 @@ mod tests {
         assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 8042));
         assert_eq!(e.base_path, "/dicom-web");
         assert_eq!(e.authority, "127.0.0.1:8042");
+        assert!(!e.https);
         let e = Endpoint::parse("http://[::1]/").expect("parses");
         assert_eq!(
             (e.host.as_str(), e.port, e.base_path.as_str()),
             ("::1", 80, "")
         );
+        let e = Endpoint::parse("https://pacs.example.org/dicom-web").expect("parses");
+        assert!(e.https);
+        assert_eq!(
+            (e.host.as_str(), e.port, e.authority.as_str()),
+            ("pacs.example.org", 443, "pacs.example.org")
+        );
+        let e = Endpoint::parse("https://10.0.0.7:8443/").expect("parses");
+        assert_eq!((e.port, e.base_path.as_str()), (8443, ""));
         for bad in [
-            "https://pacs/dicom-web",
             "ftp://pacs",
             "http://user:pw@pacs/",
             "http://pacs/?x=1",
@@ -286,5 +409,22 @@ mod tests {
         assert_eq!(n, "x-api-key");
         assert!(auth_header("").is_err());
         assert!(auth_header("a\nb").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        tls_connector("").expect("the system roots alone");
+        let dir = tempfile::tempdir().expect("a temp folder");
+        let missing = dir.path().join("missing.pem");
+        let e = tls_connector(&missing.display().to_string())
+            .err()
+            .expect("refused");
+        assert!(e.contains("cannot read ingest.dicomweb.ca_file"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let e = tls_connector(&empty.display().to_string())
+            .err()
+            .expect("refused");
+        assert!(e.contains("holds no certificate"), "{e}");
     }
 }

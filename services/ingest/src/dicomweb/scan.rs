@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use fracture_shared::bus::{BusError, OutRecord, Producer};
 use fracture_shared::stage::Shutdown;
 
-use super::http::{auth_header, Client, Endpoint, HttpError, Reply};
+use super::http::{auth_header, tls_connector, Client, Endpoint, HttpError, Reply};
 use super::multipart::{self, MediaType};
 use super::{is_uid, prepare_spool, with_preamble, ConfigError, DicomwebConfig};
 use crate::scp::STORAGE_CLASSES;
@@ -45,6 +45,10 @@ pub enum ScanError {
     Config(#[from] ConfigError),
     #[error("the PACS refused the back-scan (HTTP {0}); check ingest.dicomweb.auth_header_file and the PACS's access rules")]
     Refused(u16),
+    /// The TLS handshake failed for a reason waiting will not cure (e.g. an untrusted
+    /// certificate); the message says what to set.
+    #[error("{0}")]
+    Tls(String),
     #[error("{0}")]
     Pacs(String),
     #[error("cannot use the spool folder {0}: {1}")]
@@ -92,7 +96,8 @@ struct Scanner<'a> {
 
 /// Scans the PACS at `cfg.url`: every instance of a CR or DX storage class in the series of
 /// `cfg.modalities` in the studies that match `cfg.study_dates`, `batch` inputs per
-/// transaction. Instances whose reference is in `done` (see [`instance_input`]) are skipped.
+/// transaction. Instances whose reference is in `done` (see [`instance_input`]; or, as earlier
+/// releases named them, the spool file's [`Ingest::input_id`]) are skipped.
 /// When `stop` is set it publishes what it has and returns (`complete: false`).
 pub async fn back_scan(
     cfg: &DicomwebConfig,
@@ -119,12 +124,22 @@ pub async fn back_scan(
                 .map_err(|e| ConfigError(format!("ingest.dicomweb.auth_header_file: {e}")))?,
         )
     };
+    let tls = if endpoint.https {
+        Some(tls_connector(&cfg.ca_file).map_err(ConfigError)?)
+    } else if !cfg.ca_file.trim().is_empty() {
+        return Err(ConfigError(
+            "ingest.dicomweb.ca_file is set but ingest.dicomweb.url is http://; use the PACS's https:// URL (or leave ca_file empty)".into(),
+        )
+        .into());
+    } else {
+        None
+    };
     let spool = cfg.spool_dir();
     prepare_spool(&spool, "dw-").map_err(|e| ScanError::Spool(spool.clone(), e.to_string()))?;
     tracing::info!(pacs = %endpoint.authority, modalities = ?cfg.modalities, dated = !cfg.study_dates.is_empty(), "DICOMweb back-scan starting");
     let mut scanner = Scanner {
         cfg,
-        client: Client::new(endpoint, auth, cfg.timeout()),
+        client: Client::new(endpoint, auth, cfg.timeout(), tls),
         stop,
         as_stored: true,
     };
@@ -164,8 +179,23 @@ pub async fn back_scan(
     Ok(report)
 }
 
-/// The spool file and pseudonymous input reference of one PACS instance: stable for a key, a
-/// PACS URL and a spool folder, so a resumed scan recognises what it published.
+/// Where one PACS instance comes from: `dicomweb:<url>/studies/<s>/series/<r>/instances/<i>` (the
+/// URL without a trailing slash). The linkage table records it as the input's source.
+pub fn instance_reference(
+    cfg: &DicomwebConfig,
+    study: &str,
+    series: &str,
+    instance: &str,
+) -> String {
+    format!(
+        "dicomweb:{}/studies/{study}/series/{series}/instances/{instance}",
+        cfg.url.trim().trim_end_matches('/')
+    )
+}
+
+/// The spool file and pseudonymous input reference of one PACS instance. The reference derives
+/// from [`instance_reference`] only: stable for a key and a PACS URL whatever the spool folder,
+/// so a resumed scan recognises what it published.
 pub fn instance_input(
     ingest: &Ingest,
     cfg: &DicomwebConfig,
@@ -173,15 +203,16 @@ pub fn instance_input(
     series: &str,
     instance: &str,
 ) -> (PathBuf, String) {
-    let reference = format!(
-        "dicomweb:{}/studies/{study}/series/{series}/instances/{instance}",
-        cfg.url.trim().trim_end_matches('/')
-    );
+    let reference = instance_reference(cfg, study, series, instance);
+    spool_and_input(ingest, cfg, &reference)
+}
+
+fn spool_and_input(ingest: &Ingest, cfg: &DicomwebConfig, reference: &str) -> (PathBuf, String) {
     let path = cfg.spool_dir().join(format!(
         "dw-{}.dcm",
-        ingest.policy.pseudonym("dicomweb", &reference)
+        ingest.policy.pseudonym("dicomweb", reference)
     ));
-    let input = ingest.input_id(&path);
+    let input = format!("in-{}", ingest.policy.pseudonym("input", reference));
     (path, input)
 }
 
@@ -213,8 +244,12 @@ impl Scanner<'_> {
                         continue;
                     }
                     report.instances += 1;
-                    let (path, input) = instance_input(ingest, self.cfg, study, &series, &instance);
-                    if done.contains(&input) || !seen.insert(input.clone()) {
+                    let reference = instance_reference(self.cfg, study, &series, &instance);
+                    let (path, input) = spool_and_input(ingest, self.cfg, &reference);
+                    // Before references derived from the URL alone, they derived from the spool
+                    // file's path: what an earlier release published is recognised too.
+                    let legacy = || done.contains(&ingest.input_id(&path));
+                    if done.contains(&input) || legacy() || !seen.insert(input.clone()) {
                         report.ingest.resumed += 1;
                         progress(Outcome::Resumed, 0);
                         continue;
@@ -226,7 +261,9 @@ impl Scanner<'_> {
                         }
                         Err(reason) => Input::Unreadable(path.clone(), reason),
                     };
-                    let got = ingest.process_retrying(&item, self.stop).await;
+                    let got = ingest
+                        .process_retrying_as(&item, &input, &reference, self.stop)
+                        .await;
                     if matches!(item, Input::File(_)) {
                         if let Err(e) = tokio::fs::remove_file(&path).await {
                             // A leftover holds PHI; the next start sweeps it.
@@ -563,6 +600,7 @@ impl Scanner<'_> {
             }
             let wait = match self.client.get(target, accept, max).await {
                 Err(HttpError::TooLarge(n)) => return Ok(Err(n)),
+                Err(HttpError::Tls(m)) => return Err(ScanError::Tls(m).into()),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "PACS unavailable, retrying");
                     delay
