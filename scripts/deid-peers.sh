@@ -13,6 +13,9 @@
 #   dciodvfy   (dicom3tools)    IOD validity checker: our output must add no errors
 #   dcmdump    (dcmtk)          readable dumps when a test fails
 #   pydicom==3.0.2 (PyPI)       builds the planted-identifier corpus (scripts/corpus/)
+#   dicom-anonymizer==2.1.0     (PyPI, wheel sha256-checked, installed without its dependencies:
+#                               only its copy of Table E.1-1, generated from the 2026c edition of
+#                               PS3.15, is read, as data, by tests/deid_peers.rs)
 #
 # Needs root (or an apt that works for this user) for the Debian packages, and python3 with venv.
 set -euo pipefail
@@ -20,6 +23,8 @@ set -euo pipefail
 CACHE="${FRACTURE_CACHE:-$HOME/.cache/fracture}"
 VENV="$CACHE/deid-venv"
 PYDICOM_PIN="pydicom==3.0.2"
+ANONYMIZER_PIN="dicom-anonymizer==2.1.0"
+ANONYMIZER_SHA256="bf642a6b43afd362faa2c7d2b101a3d4765cf85cf0d7590795e3ee556e636b8b"
 
 log() { echo "deid-peers.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -72,6 +77,9 @@ venv_ok() {
   [[ -x "$VENV/bin/python" ]] &&
     "$VENV/bin/python" -c 'import pydicom, sys; sys.exit(pydicom.__version__ != "3.0.2")' 2>/dev/null
 }
+anonymizer_ok() {
+  "$VENV/bin/python" -c 'import sys; from importlib.metadata import version; sys.exit(version("dicom-anonymizer") != "2.1.0")' 2>/dev/null
+}
 if ! venv_ok; then
   log "creating $VENV with $PYDICOM_PIN ..."
   rm -rf "$VENV"
@@ -79,5 +87,18 @@ if ! venv_ok; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
     "$PYDICOM_PIN" >&2 || die "pip install $PYDICOM_PIN failed (no network?)"
   venv_ok || die "the venv at $VENV does not import pydicom 3.0.2"
+fi
+if ! anonymizer_ok; then
+  log "adding $ANONYMIZER_PIN (its Table E.1-1 data only) ..."
+  wheels="$CACHE/wheels"
+  mkdir -p "$wheels"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-input --no-deps \
+    --only-binary=:all: -d "$wheels" "$ANONYMIZER_PIN" >&2 || die "pip download $ANONYMIZER_PIN failed (no network?)"
+  wheel="$wheels/dicom_anonymizer-2.1.0-py3-none-any.whl"
+  echo "$ANONYMIZER_SHA256  $wheel" | sha256sum -c --quiet - >&2 ||
+    die "$wheel does not have the pinned sha256 $ANONYMIZER_SHA256"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-deps \
+    "$wheel" >&2 || die "pip install $wheel failed"
+  anonymizer_ok || die "the venv at $VENV does not have $ANONYMIZER_PIN"
 fi
 echo "$VENV/bin/python"

@@ -64,14 +64,18 @@ enum Command {
     /// disk once, at the end, before the command reports success.
     Deid {
         /// DICOM files or folders (a folder's files keep their path relative to it).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "profile")]
         paths: Vec<PathBuf>,
         /// Output folder; refused inputs are listed in DIR/dead-letter.jsonl.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "profile")]
+        out: Option<PathBuf>,
         /// The de-identification key (at least 32 bytes): the same key maps UIDs the same way.
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "profile")]
+        key_file: Option<PathBuf>,
+        /// Print the profile as applied (every PS3.15 Table E.1-1 row, its Basic Profile action
+        /// and what fracture does with it) as a Markdown table, and exit.
+        #[arg(long, conflicts_with_all = ["paths", "out", "key_file"])]
+        profile: bool,
     },
     /// Create the pipeline's Kafka topics (idempotent).
     Topics,
@@ -229,10 +233,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve::run(&settings, stage, &paths, &instance))
         }
         Command::Topics => runtime.block_on(serve::create_topics(&settings)),
+        Command::Deid { profile: true, .. } => {
+            print!("{}", fracture_ingest::deid::profile_markdown());
+            Ok(())
+        }
         Command::Deid {
             paths,
-            out,
-            key_file,
+            out: Some(out),
+            key_file: Some(key_file),
+            ..
         } => {
             let cfg: fracture_ingest::IngestConfig = settings.section("ingest")?;
             let key = fracture_ingest::read_key(&key_file).map_err(anyhow::Error::msg)?;
@@ -265,6 +274,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.skipped
             );
             Ok(())
+        }
+        Command::Deid { .. } => {
+            anyhow::bail!(
+                "fracture deid needs PATH..., --out DIR and --key-file FILE (or --profile)"
+            )
         }
         Command::Evaluate {
             predictions,

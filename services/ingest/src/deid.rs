@@ -337,6 +337,54 @@ pub fn profile() -> Vec<ProfileLine> {
         .collect()
 }
 
+impl Action {
+    /// What the action does, in a sentence fragment for the profile listing.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Action::Remove => "removed",
+            Action::Empty => "kept empty",
+            Action::Dummy => "replaced by a keyed dummy of the same VR",
+            Action::Keep => "kept (Retain Patient Characteristics)",
+            Action::Uid => "UIDs replaced by their keyed hash",
+            Action::CleanSequence => "sequence kept, each item cleaned (UIDs replaced)",
+            Action::ShiftDate => "dates shifted by the patient's offset (times kept)",
+            Action::Pseudonym => "the keyed patient pseudonym",
+            Action::Site => "the configured site code",
+        }
+    }
+}
+
+/// The profile as applied, as a Markdown table (`fracture deid --profile`): every Table E.1-1
+/// row with its Basic Profile action and what we do, then the pattern rows and the attributes
+/// removed beyond the table.
+pub fn profile_markdown() -> String {
+    use std::fmt::Write;
+    let mut out =
+        String::from("| tag | attribute | Basic Prof. | fracture |\n| --- | --- | --- | --- |\n");
+    for line in profile() {
+        let _ = writeln!(
+            out,
+            "| ({:04X},{:04X}) | {} | {} | {} |",
+            line.tag.0,
+            line.tag.1,
+            line.name,
+            line.basic.code(),
+            line.action.describe()
+        );
+    }
+    for (pattern, name, basic) in table::GROUP_ROWS {
+        let _ = writeln!(out, "| {pattern} | {name} | {} | removed |", basic.code());
+    }
+    for (tag, name) in BEYOND_TABLE {
+        let _ = writeln!(
+            out,
+            "| ({:04X},{:04X}) | {name} | (not in the table) | removed |",
+            tag.0, tag.1
+        );
+    }
+    out
+}
+
 /// Standard UIDs (SOP classes, transfer syntaxes, coding schemes) identify no one.
 fn is_standard_uid(uid: &str) -> bool {
     uid.starts_with("1.2.840.10008.")
@@ -468,10 +516,14 @@ fn clean_element(e: InMemElement, ctx: &Ctx) -> Option<InMemElement> {
         Action::Dummy => dummy(&e, ctx),
         Action::Pseudonym => {
             let original = text_of(&e);
-            let p = format!(
-                "ANON{}",
-                &ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase()
-            );
+            let key = ctx.policy.pseudonym("patient", original.trim())[..12].to_uppercase();
+            // A person name has components: the pseudonym is the family name "ANON" and the
+            // key as the given name (`ANON^…`), the ID the same key without the separator.
+            let p = if vr == VR::PN {
+                format!("ANON^{key}")
+            } else {
+                format!("ANON{key}")
+            };
             Some(DataElement::new(tag, vr, PrimitiveValue::from(p.as_str())))
         }
         Action::Site => Some(DataElement::new(
@@ -797,14 +849,55 @@ mod tests {
                 pair[1].name
             );
         }
-        // Table E.1-1 of the current edition: 651 single-tag rows plus 4 pattern rows.
-        assert_eq!(TABLE.len(), 651);
+        // Table E.1-1 of the 2026c edition: 652 single-tag rows plus 4 pattern rows.
+        assert_eq!(TABLE.len(), 652);
         assert_eq!(table::GROUP_ROWS.len(), 4);
         assert!(TABLE.iter().all(|r| !r.name.is_empty()));
         for row in TABLE {
             assert_eq!(table::lookup(row.tag).map(|r| r.name), Some(row.name));
         }
         assert!(table::lookup(Tag(0x0008, 0x0016)).is_none());
+    }
+
+    #[test]
+    fn the_patient_name_pseudonym_is_a_person_name() {
+        let obj = InMemDicomObject::from_element_iter([
+            DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Doe^Jane")),
+            DataElement::new(tags::PATIENT_ID, VR::LO, PrimitiveValue::from("MRN123")),
+        ]);
+        let p = policy(1);
+        let ctx = Ctx {
+            policy: &p,
+            shift: 0,
+            animal: false,
+        };
+        let clean = clean_object(obj, &ctx);
+        let name = clean.element(tags::PATIENT_NAME).unwrap().to_str().unwrap();
+        let id = clean.element(tags::PATIENT_ID).unwrap().to_str().unwrap();
+        let (family, given) = name.split_once('^').expect("family^given");
+        assert_eq!(family, "ANON");
+        assert_eq!(given.len(), 12);
+        assert!(
+            id.starts_with("ANON") && !id.contains('^') && !id.contains("MRN"),
+            "{id}"
+        );
+    }
+
+    #[test]
+    fn the_profile_listing_has_every_row() {
+        let md = profile_markdown();
+        let rows = md
+            .lines()
+            .filter(|l| l.starts_with("| (") || l.starts_with("| (g"))
+            .count();
+        assert_eq!(
+            rows,
+            TABLE.len() + table::GROUP_ROWS.len() + BEYOND_TABLE.len()
+        );
+        assert!(md.contains("| (0010,0010) | Patient's Name | Z | the keyed patient pseudonym |"));
+        assert!(
+            md.contains("| (0008,0080) | Institution Name | X/Z/D | the configured site code |")
+        );
     }
 
     #[test]

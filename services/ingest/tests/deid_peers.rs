@@ -327,3 +327,68 @@ fn dciodvfy_finds_no_new_error_in_our_output() {
         failures.join("\n")
     );
 }
+
+/// Table E.1-1 as dicom-anonymizer 2.1.0 generated it from the 2026c edition of PS3.15 (read as
+/// data, by scripts/deid-peers.sh's venv): tag -> Basic Profile action in the standard's notation.
+fn anonymizers_table() -> BTreeMap<Tag, String> {
+    let script = r#"
+import json, runpy
+from importlib.metadata import files
+path = next(f for f in files("dicom-anonymizer") if f.name == "dicomfields_2026c.py")
+ns = runpy.run_path(str(path.locate()))
+codes = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
+         "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+rows = {}
+for name, code in codes.items():
+    for t in ns[name]:
+        if len(t) == 2:  # (group, element); 4-tuples are the group masks (curves, overlays)
+            rows["%04X%04X" % t] = code
+print(json.dumps(rows))
+"#;
+    let out = Command::new(peers_python())
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("cannot run the venv python");
+    assert!(
+        out.status.success(),
+        "reading dicom-anonymizer's table failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: BTreeMap<String, String> =
+        serde_json::from_slice(&out.stdout).expect("the script prints a JSON object");
+    rows.into_iter()
+        .map(|(k, v)| {
+            let g = u16::from_str_radix(&k[..4], 16).unwrap();
+            let e = u16::from_str_radix(&k[4..], 16).unwrap();
+            (Tag(g, e), v)
+        })
+        .collect()
+}
+
+/// Our transcription of Table E.1-1 against an independent one generated from the standard's
+/// own document: the same rows, each with the same Basic Profile action.
+#[test]
+fn our_table_e1_1_matches_dicom_anonymizers_row_by_row() {
+    let theirs = anonymizers_table();
+    assert!(theirs.len() > 600, "only {} rows read", theirs.len());
+    let ours: BTreeMap<Tag, &str> = fracture_ingest::deid::TABLE
+        .iter()
+        .map(|r| (r.tag, r.basic.code()))
+        .collect();
+    let missing: Vec<_> = theirs.keys().filter(|t| !ours.contains_key(t)).collect();
+    let extra: Vec<_> = ours.keys().filter(|t| !theirs.contains_key(t)).collect();
+    let differ: Vec<_> = ours
+        .iter()
+        .filter_map(|(t, a)| {
+            theirs
+                .get(t)
+                .filter(|b| b.as_str() != *a)
+                .map(|b| format!("{t}: ours {a}, theirs {b}"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differ.is_empty(),
+        "rows only in dicom-anonymizer's table: {missing:?}\nrows only in ours: {extra:?}\nactions that differ: {differ:?}"
+    );
+}

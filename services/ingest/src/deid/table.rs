@@ -3,7 +3,9 @@
 //!
 //! Transcribed from the current edition of PS3.15 Annex E (2024/2025 rows such as Person Names to
 //! Use, Gender Identity and the Sex Parameters for Clinical Use attributes included) and
-//! cross-checked against two independently generated copies of the table. Rows that are not one
+//! cross-checked against two independently generated copies of the table, and (a test in
+//! `tests/deid_peers.rs`) row by row against dicom-anonymizer 2.1.0's copy generated from the
+//! 2026c edition. Rows that are not one
 //! tag (private attributes gggg,eeee with odd gggg; Curve Data 50xx,xxxx; Overlay Data 60xx,3000;
 //! Overlay Comments 60xx,4000) are listed in [`GROUP_ROWS`] and applied by group in `deid.rs`.
 
@@ -736,6 +738,8 @@ pub const TABLE: &[Row] = &[
     r(0x0040, 0xDB0C, "Template Extension Organization UID", U),
     r(0x0040, 0xDB0D, "Template Extension Creator UID", U),
     r(0x0040, 0xE004, "HL7 Document Effective Time", X),
+    // Added in the 2026 editions; found by the cross-check against dicom-anonymizer's copy.
+    r(0x0040, 0xE012, "Display URI", X),
     r(0x0042, 0x0011, "Encapsulated Document", D),
     r(0x0044, 0x0004, "Approval Status DateTime", X),
     r(0x0044, 0x000B, "Product Expiration DateTime", X),
