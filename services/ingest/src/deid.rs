@@ -884,6 +884,15 @@ mod tests {
     }
 
     #[test]
+    fn the_committed_profile_listing_is_current() {
+        let committed = include_str!("../PROFILE.md");
+        assert!(
+            committed.ends_with(&profile_markdown()),
+            "services/ingest/PROFILE.md is stale: regenerate its table with `fracture deid --profile`"
+        );
+    }
+
+    #[test]
     fn the_profile_listing_has_every_row() {
         let md = profile_markdown();
         let rows = md
