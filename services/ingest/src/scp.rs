@@ -165,9 +165,32 @@ pub async fn store_object(
     spool: &Path,
     object: Received,
 ) -> Answer {
-    let spool_owned = spool.to_path_buf();
-    let written = tokio::task::spawn_blocking(move || write_spool(&spool_owned, &object)).await;
-    let (temp, final_path) = match written {
+    let written = SpoolWriter::create(
+        spool,
+        &object.sop_class_uid,
+        &object.sop_instance_uid,
+        &object.transfer_syntax,
+    )
+    .and_then(|mut w| w.write(&object.data_set).map(|()| w));
+    drop(object);
+    match written {
+        Ok(w) => store_spooled(ingest, producer, w).await,
+        Err(e) => {
+            tracing::error!(error = %e, spool = %spool.display(), "cannot write the spool file");
+            Answer::retry_later("cannot spool the object; retry later")
+        }
+    }
+}
+
+/// Syncs a data set written to the spool as it arrived, then ingests and publishes it.
+async fn store_spooled(
+    ingest: &Ingest,
+    producer: &Mutex<Box<dyn Producer>>,
+    writer: SpoolWriter,
+) -> Answer {
+    let spool = writer.spool.clone();
+    let finished = tokio::task::spawn_blocking(move || writer.finish()).await;
+    let (temp, final_path) = match finished {
         Ok(Ok(paths)) => paths,
         Ok(Err(e)) => {
             tracing::error!(error = %e, spool = %spool.display(), "cannot write the spool file");
@@ -307,40 +330,89 @@ impl Drop for SpoolClaim {
     }
 }
 
-/// Writes preamble, file meta and the data set as received to a temporary file, fsynced.
-/// Returns it and the final name `<spool>/<sha256 of the file>.dcm`.
-fn write_spool(spool: &Path, object: &Received) -> std::io::Result<(PathBuf, PathBuf)> {
-    let trim = |s: &str| s.trim_end_matches(['\0', ' ']).to_string();
-    let meta = FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(trim(&object.sop_class_uid))
-        .media_storage_sop_instance_uid(trim(&object.sop_instance_uid))
-        .transfer_syntax(trim(&object.transfer_syntax))
-        .build()
-        .map_err(|e| std::io::Error::other(format!("cannot build the file meta: {e}")))?;
-    let mut head = vec![0u8; 128];
-    head.extend_from_slice(b"DICM");
-    meta.write(&mut head)
-        .map_err(|e| std::io::Error::other(format!("cannot write the file meta: {e}")))?;
-    let temp = spool.join(format!(
-        ".recv-{}-{}.part",
-        std::process::id(),
-        SPOOL_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&head)?;
-        file.write_all(&object.data_set)?;
-        file.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
+/// A received data set on its way to the spool: preamble and file meta first, then each
+/// fragment written as it arrives and hashed as it goes, so a large object is never held in
+/// memory. The temporary file is removed unless [`SpoolWriter::finish`] hands it on.
+struct SpoolWriter {
+    spool: PathBuf,
+    temp: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    hash: Sha256,
+    len: usize,
+}
+
+impl SpoolWriter {
+    fn create(
+        spool: &Path,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        transfer_syntax: &str,
+    ) -> std::io::Result<Self> {
+        let trim = |s: &str| s.trim_end_matches(['\0', ' ']).to_string();
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(trim(sop_class_uid))
+            .media_storage_sop_instance_uid(trim(sop_instance_uid))
+            .transfer_syntax(trim(transfer_syntax))
+            .build()
+            .map_err(|e| std::io::Error::other(format!("cannot build the file meta: {e}")))?;
+        let mut head = vec![0u8; 128];
+        head.extend_from_slice(b"DICM");
+        meta.write(&mut head)
+            .map_err(|e| std::io::Error::other(format!("cannot write the file meta: {e}")))?;
+        let temp = spool.join(format!(
+            ".recv-{}-{}.part",
+            std::process::id(),
+            SPOOL_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&temp)?;
+        let mut w = Self {
+            spool: spool.to_path_buf(),
+            temp,
+            file: Some(std::io::BufWriter::with_capacity(256 * 1024, file)),
+            hash: Sha256::new(),
+            len: 0,
+        };
+        w.write(&head)?;
+        w.len = 0;
+        Ok(w)
     }
-    let mut hash = Sha256::new();
-    hash.update(&head);
-    hash.update(&object.data_set);
-    let name = format!("{}.dcm", hex::encode(hash.finalize()));
-    Ok((temp, spool.join(name)))
+
+    /// Appends a fragment of the data set.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the spool file is already closed"))?;
+        file.write_all(bytes)?;
+        self.hash.update(bytes);
+        self.len += bytes.len();
+        Ok(())
+    }
+
+    /// Syncs the file; returns it and its final name `<spool>/<sha256 of the file>.dcm`.
+    fn finish(mut self) -> std::io::Result<(PathBuf, PathBuf)> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("the spool file is already closed"))?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let name = format!(
+            "{}.dcm",
+            hex::encode(std::mem::take(&mut self.hash).finalize())
+        );
+        let temp = std::mem::take(&mut self.temp);
+        Ok((temp, self.spool.join(name)))
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        // Not finished (a write failed, the association ended): the partial object holds PHI.
+        if !self.temp.as_os_str().is_empty() {
+            self.file.take();
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
 }
 
 /// Creates the spool folder (mode 0700) and removes what a previous run left in it: those
@@ -507,8 +579,9 @@ struct Pending {
     message_id: u16,
     sop_class_uid: String,
     sop_instance_uid: String,
-    transfer_syntax: String,
-    data: Vec<u8>,
+    /// The data set so far, in the spool; `None` once writing it failed (the sender is then
+    /// asked to retry when its last fragment arrives).
+    spool: Option<SpoolWriter>,
 }
 
 /// Why an association ends early; logged, never sent.
@@ -619,13 +692,22 @@ async fn pdata(
                         send_command(assoc, value.presentation_context_id, &rsp).await?;
                     }
                     C_STORE_RQ if cmd.has_data_set => {
+                        let spool = SpoolWriter::create(
+                            &ctx.spool,
+                            &cmd.sop_class_uid,
+                            &cmd.sop_instance_uid,
+                            &context.transfer_syntax,
+                        )
+                        .map_err(|e| {
+                            tracing::error!(error = %e, spool = %ctx.spool.display(), "cannot write the spool file");
+                        })
+                        .ok();
                         *pending = Some(Pending {
                             context_id: value.presentation_context_id,
                             message_id: cmd.message_id,
                             sop_class_uid: cmd.sop_class_uid,
                             sop_instance_uid: cmd.sop_instance_uid,
-                            transfer_syntax: context.transfer_syntax,
-                            data: Vec::new(),
+                            spool,
                         });
                     }
                     other => return Err(format!("unsupported command {other:#06x}")),
@@ -638,27 +720,24 @@ async fn pdata(
                 if p.context_id != value.presentation_context_id {
                     return Err("data set on another presentation context than its command".into());
                 }
-                if p.data.len() + value.data.len() > MAX_OBJECT_BYTES {
-                    return Err(format!("data set larger than {MAX_OBJECT_BYTES} bytes"));
+                if let Some(w) = p.spool.as_mut() {
+                    if w.len + value.data.len() > MAX_OBJECT_BYTES {
+                        return Err(format!("data set larger than {MAX_OBJECT_BYTES} bytes"));
+                    }
+                    if let Err(e) = w.write(&value.data) {
+                        tracing::error!(error = %e, "cannot write the spool file");
+                        p.spool = None;
+                    }
                 }
-                p.data.extend_from_slice(&value.data);
                 if !value.is_last {
                     continue;
                 }
                 let Some(p) = pending.take() else { continue };
                 let ids = Some((p.sop_class_uid.clone(), p.sop_instance_uid.clone()));
-                let answer = store_object(
-                    &ctx.ingest,
-                    &ctx.producer,
-                    &ctx.spool,
-                    Received {
-                        sop_class_uid: p.sop_class_uid,
-                        sop_instance_uid: p.sop_instance_uid,
-                        transfer_syntax: p.transfer_syntax,
-                        data_set: p.data,
-                    },
-                )
-                .await;
+                let answer = match p.spool {
+                    Some(w) => store_spooled(&ctx.ingest, &ctx.producer, w).await,
+                    None => Answer::retry_later("cannot spool the object; retry later"),
+                };
                 if answer.fatal {
                     ctx.fatal.store(true, Ordering::SeqCst);
                     ctx.fatal_notify.notify_one();

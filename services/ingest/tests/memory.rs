@@ -1,8 +1,9 @@
 //! Ingest streams: a 50 MB radiograph never needs more than a small multiple of its size in
 //! memory. The heap is measured with a counting allocator (every allocation of this test
 //! binary, which runs this one test), around real work on a real file: `fracture deid`'s export
-//! (file to file, the pixel data copied by the kernel) and ingest's `process` (de-identified into
-//! the claim-check store with a SQLite linkage table).
+//! (file to file, the pixel data copied by the kernel), ingest's `process` (de-identified into
+//! the claim-check store with a SQLite linkage table), and the C-STORE door receiving it from
+//! dcmtk's dcmsend (fragments spooled as they arrive, then ingested).
 
 mod common;
 
@@ -12,8 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
+use fracture_ingest::scp::{self, ScpConfig};
 use fracture_ingest::{Ingest, Input, Linkage, Outcome};
-use fracture_shared::bus::Topics;
+use fracture_shared::bus::{Bus, InProcBus, Topics};
+use fracture_shared::stage::Shutdown;
 use fracture_shared::store::{BlobStore, StoreConfig};
 
 struct Counting;
@@ -140,10 +143,52 @@ async fn a_50_mb_radiograph_is_de_identified_in_a_small_multiple_of_its_size() {
     assert_eq!(outcome, Outcome::Produced, "{record:?}");
     assert_eq!(bytes as usize, size);
 
+    // The C-STORE door: dcmsend (another process, its memory not counted) pushes the file.
+    common::peers_python(); // installs dcmtk
+    let topics = Topics::default();
+    let bus = InProcBus::new();
+    bus.create_topics(&topics.all(), 1).await.unwrap();
+    let producer = std::sync::Arc::new(tokio::sync::Mutex::new(bus.producer("scp").await.unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = ScpConfig {
+        listen: String::new(),
+        ae_title: "FRACTURE".into(),
+        spool: work.path().join("spool").display().to_string(),
+        max_associations: 2,
+    };
+    let (stop, shutdown) = Shutdown::new();
+    let server = tokio::spawn({
+        let ingest = std::sync::Arc::new(ingest);
+        let producer = producer.clone();
+        async move { scp::serve_on(listener, &cfg, ingest, producer, shutdown).await }
+    });
+    let (sent, scp_peak) = peak_during(
+        tokio::process::Command::new("dcmsend")
+            .args(["-aet", "TESTSCU", "-aec", "FRACTURE", "127.0.0.1"])
+            .arg(port.to_string())
+            .arg(&path)
+            .output(),
+    )
+    .await;
+    let sent = sent.expect("dcmsend runs");
+    assert!(
+        sent.status.success(),
+        "dcmsend: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let _ = stop.send(true);
+    server.await.unwrap().expect("the SCP stops cleanly");
+
     eprintln!(
-        "file {size} bytes; heap peak: export {export_peak} bytes ({:.3}x), ingest {ingest_peak} bytes ({:.2}x)",
+        "file {size} bytes; heap peak: export {export_peak} bytes ({:.3}x), ingest {ingest_peak} bytes ({:.2}x), C-STORE {scp_peak} bytes ({:.2}x)",
         export_peak as f64 / size as f64,
-        ingest_peak as f64 / size as f64
+        ingest_peak as f64 / size as f64,
+        scp_peak as f64 / size as f64
+    );
+    assert!(
+        scp_peak < size * 3 / 2,
+        "the C-STORE door held {scp_peak} bytes for a {size}-byte file (more than 1.5x)"
     );
     assert!(
         export_peak < size / 16,
