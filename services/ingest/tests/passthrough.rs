@@ -236,3 +236,75 @@ fn a_burned_in_rule_parses_the_pixels_and_blacks_out_its_rectangle() {
         .expect("refused");
     assert!(e.message.contains("burned-in annotation"), "{}", e.message);
 }
+
+/// pydicom's own test files (from the pinned pydicom of scripts/deid-peers.sh's venv): 78 real
+/// objects with the layouts that break parsers (big endian, no meta group, odd lengths, undefined
+/// lengths, private and UN sequences, embedded delimiters, truncation). Whatever parsing the whole
+/// file gives, the pass-through gives too: the same object, or the same refusal.
+#[test]
+fn pydicoms_test_files_give_the_same_outcome_either_way() {
+    let out = std::process::Command::new(peers_python())
+        .args([
+            "-c",
+            "import os, pydicom; print(os.path.join(os.path.dirname(pydicom.__file__), 'data', 'test_files'))",
+        ])
+        .output()
+        .expect("the venv python runs");
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 70, "only {} test files", files.len());
+    let policy = policy();
+    let (mut passed, mut same_refusal) = (0, 0);
+    let mut failures = Vec::new();
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(path).unwrap();
+        // Written and read back, as the pass-through's output is (a value of VR UN reads back
+        // as bytes, whatever it was in memory).
+        let whole = fracture_shared::pixels::read_object(&bytes)
+            .and_then(|o| fracture_ingest::deidentify(o, &policy).map(|(c, _)| c))
+            .and_then(|c| fracture_shared::pixels::write_object(&c))
+            .and_then(|b| fracture_shared::pixels::read_object(&b));
+        let walked = Source::open(std::fs::File::open(path).unwrap()).and_then(|s| {
+            let through = s.passes_through();
+            passthrough::clean(s, &policy).and_then(|mut c| {
+                let mut out = Vec::new();
+                c.passage.write(&c.object, &mut out)?;
+                Ok((through, out))
+            })
+        });
+        match (whole, walked) {
+            (Ok(w), Ok((through, out))) => {
+                let reread = match fracture_shared::pixels::read_object(&out) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        failures.push(format!("{name}: our output does not parse: {e}"));
+                        continue;
+                    }
+                };
+                let differ = differing_tags(&reread, &w);
+                if !differ.is_empty() {
+                    failures.push(format!("{name}: differs at {differ:?}"));
+                }
+                passed += usize::from(through);
+            }
+            (Err(a), Err(b)) if a.message == b.message => same_refusal += 1,
+            (a, b) => failures.push(format!(
+                "{name}: whole {:?}, walked {:?}",
+                a.map(|_| ()),
+                b.map(|_| ())
+            )),
+        }
+    }
+    eprintln!(
+        "{} files: {passed} passed their pixel data through, {same_refusal} refused either way",
+        files.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(passed * 2 > files.len(), "only {passed} passed through");
+}
