@@ -48,6 +48,12 @@ enum Command {
         /// pseudonymised into DIR/labels.csv, stored by the audit sink, and evaluated into DIR/metrics.json.
         #[arg(long, value_name = "FILE")]
         labels: Option<PathBuf>,
+        /// Keep DIR/store, the pipeline's claim-check store (de-identified copies, pre-processed
+        /// tensors, SR and SC objects). By default it is removed when the scan has finished,
+        /// since the results are in findings.jsonl, dicom/ and report.html; an interrupted scan
+        /// keeps it until the resumed one finishes.
+        #[arg(long)]
+        keep_store: bool,
     },
     /// Run one stage as its own process on Kafka.
     Serve {
@@ -211,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             key_file,
             model,
             labels,
+            keep_store,
         } => runtime.block_on(scan::run(
             &settings,
             &paths,
@@ -218,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             key_file.as_deref(),
             model.as_deref(),
             labels.as_deref(),
+            keep_store,
         )),
         Command::Labels(LabelsCommand::Import { file, out }) => {
             runtime.block_on(serve::import_labels(&settings, &file, out.as_deref()))

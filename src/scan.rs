@@ -120,6 +120,7 @@ pub async fn run(
     key_file: Option<&Path>,
     model: Option<&Path>,
     labels: Option<&Path>,
+    keep_store: bool,
 ) -> anyhow::Result<()> {
     let mut tcfg: fracture_shared::telemetry::TelemetryConfig = settings.section("telemetry")?;
     if tcfg.log == fracture_shared::telemetry::TelemetryConfig::default().log {
@@ -464,6 +465,21 @@ pub async fn run(
              patient. Not for clinical use.",
             manifest.model_version
         );
+    }
+    // The claim-check store was the pipeline's scratch space: every input is now accounted for
+    // in findings.jsonl or dead-letter.jsonl, and the SR and SC copies are in dicom/. For an
+    // archive back-scan it would otherwise hold about twice the archive's size.
+    if !keep_store {
+        let store_dir = out.join("store");
+        drop(store);
+        match std::fs::remove_dir_all(&store_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!(
+                "could not remove {} ({e}); it holds only intermediate objects and may be deleted",
+                store_dir.display()
+            ),
+        }
     }
     println!("results in {}", out.display());
     Ok(())

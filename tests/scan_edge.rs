@@ -10,13 +10,14 @@ use dicom_dictionary_std::tags;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fracture");
 
-fn scan(inputs: &Path, out: &Path) -> (String, String) {
+fn scan(inputs: &Path, out: &Path, extra: &[&str]) -> (String, String) {
     let o = Command::new(BIN)
         .env("RUST_LOG", "debug")
         .arg("scan")
         .arg(inputs)
         .arg("--out")
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -39,13 +40,25 @@ fn a_rerun_resumes_and_an_interrupted_line_is_redone() {
     let work = tempfile::tempdir().unwrap();
     let inputs = common::build_inputs(&work.path().join("in"));
     let out = work.path().join("out");
-    scan(&inputs.dir, &out);
+    scan(&inputs.dir, &out, &[]);
     let first_findings = lines(&out.join("findings.jsonl")).len();
     let first_dead = lines(&out.join("dead-letter.jsonl")).len();
     assert_eq!(
         (first_findings, first_dead),
         (inputs.good.len(), inputs.bad.len())
     );
+    // The claim-check store was scratch space: gone once the scan finished, while every
+    // finding's SR and SC stay in dicom/.
+    assert!(
+        !out.join("store").exists(),
+        "the store is removed without --keep-store"
+    );
+    for f in lines(&out.join("findings.jsonl")) {
+        for kind in ["sr", "sc"] {
+            let name = f[kind].as_str().expect("an SR and an SC per finding");
+            assert!(out.join(name).is_file(), "{name} kept");
+        }
+    }
 
     // An interrupted run left the last finding half-written; a new radiograph arrived.
     let text = std::fs::read_to_string(out.join("findings.jsonl")).unwrap();
@@ -57,7 +70,7 @@ fn a_rerun_resumes_and_an_interrupted_line_is_redone() {
     )
     .unwrap();
 
-    let (stdout, _) = scan(&inputs.dir, &out);
+    let (stdout, _) = scan(&inputs.dir, &out, &[]);
     let expected_resumed = inputs.good.len() - 1 + inputs.bad.len();
     assert!(
         stdout.contains(&format!("resumed: {expected_resumed} inputs")),
@@ -116,7 +129,7 @@ fn no_identifier_crosses_the_phi_boundary() {
         "the test subject carries identifiers"
     );
     let out = work.path().join("out");
-    let (stdout, stderr) = scan(&inputs, &out);
+    let (stdout, stderr) = scan(&inputs, &out, &["--keep-store"]);
     let mut places: Vec<(String, Vec<u8>)> = vec![
         ("stdout".into(), stdout.into_bytes()),
         ("logs".into(), stderr.into_bytes()),
@@ -124,7 +137,13 @@ fn no_identifier_crosses_the_phi_boundary() {
     for name in ["findings.jsonl", "report.html"] {
         places.push((name.into(), std::fs::read(out.join(name)).unwrap()));
     }
-    for entry in walk(&out.join("store")) {
+    let objects = walk(&out.join("store"));
+    assert!(
+        objects.len() >= 4,
+        "--keep-store kept the claim-check store ({} objects)",
+        objects.len()
+    );
+    for entry in objects {
         places.push((
             format!("store {}", entry.display()),
             std::fs::read(&entry).unwrap(),
@@ -170,7 +189,7 @@ fn refused_inputs_stay_in_quarantine_at_the_edge() {
     obj.write_to_file(inputs.join("annotated.dcm")).unwrap();
     std::fs::write(inputs.join("fake.dcm"), b"a note").unwrap();
     let out = work.path().join("out");
-    scan(&inputs, &out);
+    scan(&inputs, &out, &[]);
     let dead = lines(&out.join("dead-letter.jsonl"));
     assert_eq!(dead.len(), 2);
     let annotated = dead
