@@ -27,9 +27,10 @@
 #           TOOL+sync  any tool above followed by `sync` inside the timing (cp+sync,
 #                      gdcmanon+sync: the floor and the peer when the data must reach disk)
 #
-#           Runs are interleaved (run 1 of every tool, then run 2, ...), so a slow spell of the
-#           disk does not fall on one tool; the check table pairs like with like: fracture with
-#           cp+sync and gdcmanon+sync, fracture-nosync with cp and gdcmanon.
+#           Runs are interleaved (run 1 of every tool, then run 2, ...), each round starting one
+#           tool later, so a slow spell of the disk does not fall on one tool; the check table
+#           pairs like with like: fracture with cp+sync and gdcmanon+sync, fracture-nosync with
+#           cp and gdcmanon.
 #
 # Environment:
 #   FRACTURE_BIN    our binary (default: $CARGO_TARGET_DIR or $FRACTURE_CACHE/target, release if
@@ -144,8 +145,13 @@ log "warming the page cache over the corpus ($IN_BYTES bytes) ..."
 cat "$CORPUS"/* >/dev/null
 
 declare -A best best_rss best_rc best_files cmdline
+read -r -a tool_list <<<"$TOOLS"
 for ((run = 1; run <= RUNS; run++)); do
-  for tool in $TOOLS; do
+  # Each round starts one tool later, so no tool always follows the same one (the disk is still
+  # busy with what the previous run wrote and deleted).
+  n=${#tool_list[@]}
+  for ((k = 0; k < n; k++)); do
+    tool="${tool_list[$(((k + run - 1) % n))]}"
     out="$WORK/out-$tool"
     mapfile -t cmd < <(tool_cmd "$tool" "$out")
     cmdline[$tool]="${cmd[*]}"
@@ -187,6 +193,6 @@ echo "- corpus: $IN_FILES files, $IN_BYTES bytes ($COPIES x RG3_UNCR.dcm, $COPIE
 echo "- host: $(nproc) cores, $(uname -sr); load average before $LOAD_BEFORE, after $LOAD_AFTER"
 echo "- ours: $FRACTURE_BIN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "- $(gdcmanon --version 2>&1 | head -n 1 | sed 's/ \$Date\$//'); dicognito $("$PY" -c 'from importlib.metadata import version; print(version("dicognito"))'), pydicom $("$PY" -c 'import pydicom; print(pydicom.__version__)'), $("$PY" --version)"
-echo "- best of $RUNS interleaved runs each, page cache warm, output folder removed and \`sync\` before each run"
+echo "- best of $RUNS interleaved runs each (order rotated every round), page cache warm, output folder removed and \`sync\` before each run"
 echo
 "$PY" "$ROOT/scripts/bench/report.py" "$RESULTS" "$IN_FILES" "$IN_BYTES" "$MAX_FILE"
