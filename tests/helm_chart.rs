@@ -1161,3 +1161,117 @@ fn a_typo_in_the_values_is_refused_not_ignored() {
         "values.schema.json refuses unknown keys: {stderr}"
     );
 }
+
+/// `postprocess.export`: postprocess reads ingest's linkage tables from the edge volume and keeps
+/// its ledger there, one replica replaced (not rolled) so one process holds the ledger; without
+/// it, postprocess sees nothing of the edge. Settings that cannot work are refused by `helm`.
+#[test]
+fn postprocess_exports_to_the_pacs_from_the_edge_volume_when_asked() {
+    const EDGE: &str = "/var/lib/fracture/edge";
+    let d = defaults();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pp: fracture_postprocess::PostprocessConfig = d
+        .settings(tmp.path(), &[])
+        .section("postprocess")
+        .expect("postprocess");
+    assert!(pp.export.is_none(), "defaults: no export");
+    assert!(
+        d.mount_of("postprocess", EDGE).is_none(),
+        "defaults: postprocess does not mount the edge volume"
+    );
+
+    for r in [
+        all_on(),
+        Rendered::new(
+            "export on",
+            &[
+                "--set",
+                "postprocess.export.enabled=true",
+                "--set",
+                "postprocess.export.pacs=PACS@pacs.hospital.local:104",
+            ],
+        ),
+    ] {
+        let l = &r.label;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pp: fracture_postprocess::PostprocessConfig = r
+            .settings(tmp.path(), &[])
+            .section("postprocess")
+            .expect("postprocess");
+        let export = pp
+            .export
+            .unwrap_or_else(|| panic!("{l}: [postprocess.export] written"));
+        export
+            .validate()
+            .unwrap_or_else(|e| panic!("{l}: the rendered export settings are refused: {e}"));
+        // The linkage folder is the one every ingest pod writes its own table into.
+        let ingest_linkage = text(
+            &r.env("ingest", "FRACTURE__INGEST__LINKAGE")
+                .expect("ingest's linkage env")["value"],
+        )
+        .to_string();
+        assert_eq!(
+            Path::new(&ingest_linkage).parent(),
+            Some(Path::new(&export.linkage)),
+            "{l}: postprocess reads the folder ingest writes"
+        );
+        let (_, _, theirs) = r.mount_of("ingest", &ingest_linkage).expect("ingest edge");
+        let (_, _, ours) = r
+            .mount_of("postprocess", &export.linkage)
+            .unwrap_or_else(|| panic!("{l}: postprocess does not mount {}", export.linkage));
+        assert_eq!(
+            ours["persistentVolumeClaim"], theirs["persistentVolumeClaim"],
+            "{l}: the same edge claim"
+        );
+        assert!(!ours["persistentVolumeClaim"].is_null(), "{l}: persistent");
+        r.assert_writable("postprocess", &export.ledger, "the export ledger");
+        assert_eq!(
+            text(&r.deployment("postprocess")["spec"]["strategy"]["type"]),
+            "Recreate",
+            "{l}: one process holds the ledger at a time"
+        );
+    }
+
+    for (set, says) in [
+        (
+            vec!["postprocess.export.enabled=true"],
+            "postprocess.export.pacs",
+        ),
+        (
+            vec![
+                "postprocess.export.enabled=true",
+                "postprocess.export.pacs=P@h:104",
+                "stages.postprocess.replicas=2",
+            ],
+            "one postprocess replica",
+        ),
+        (
+            vec![
+                "postprocess.export.enabled=true",
+                "postprocess.export.pacs=P@h:104",
+                "ingest.edge.persistence.accessModes={ReadWriteOnce}",
+            ],
+            "ReadWriteMany",
+        ),
+        (
+            vec![
+                "postprocess.export.enabled=true",
+                "postprocess.export.pacs=P@h:104",
+                "ingest.edge.persistence.enabled=false",
+            ],
+            "ingest.edge.persistence.enabled",
+        ),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE, ".", "--kube-version", KUBE_VERSION]);
+        for s in &set {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.current_dir(chart()).output().expect("helm runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{set:?} is refused saying {says:?}: {stderr}"
+        );
+    }
+}

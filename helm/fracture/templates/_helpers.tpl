@@ -114,6 +114,11 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- $_ := set $audit "dashboard_addr" (printf "0.0.0.0:%d" (int $v.audit.dashboard.port)) -}}
 {{- end -}}
 {{- $cfg := dict "kafka" $kafka "store" $store "telemetry" $telemetry "model" $model "ingest" $ingest "audit" $audit -}}
+{{- if $v.postprocess.export.enabled -}}
+{{- $e := $v.postprocess.export -}}
+{{- $export := dict "pacs" (required "postprocess.export.pacs: the PACS to send results to, AE_TITLE@host:port" $e.pacs) "calling_ae_title" $e.callingAeTitle "linkage" (printf "%s/linkage" (include "fracture.edgeDir" .)) "ledger" (printf "%s/export/ledger.db" (include "fracture.edgeDir" .)) "connect_timeout_ms" $e.connectTimeoutMs "timeout_ms" $e.timeoutMs -}}
+{{- $_ := set $cfg "postprocess" (dict "export" $export) -}}
+{{- end -}}
 {{- toJson (mustMergeOverwrite $cfg (deepCopy (default dict $v.config))) -}}
 {{- end -}}
 
