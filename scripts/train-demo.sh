@@ -132,8 +132,25 @@ done_with "$work/heldout"
 say "evaluated"
 
 # 6. The model card, with the numbers.
-pct() { jq -r "if $1 == null then \"undefined\" else ($1 * 1000 | round / 10 | tostring) + \"%\" end" "$metrics"; }
-num() { jq -r "if $1 == null then \"undefined\" else ($1 * 1000 | round / 1000 | tostring) end" "$metrics"; }
+# One number of metrics.json by its path (.a.b or .a.b[0]), as a percentage or a plain number.
+metric() {
+  python3 - "$metrics" "$1" "$2" <<'PY'
+import json, re, sys
+v = json.load(open(sys.argv[1]))
+for key, index in re.findall(r"\.(\w+)(?:\[(\d+)\])?", sys.argv[2]):
+    v = v.get(key) if isinstance(v, dict) else None
+    if index and isinstance(v, list):
+        v = v[int(index)]
+if not isinstance(v, (int, float)):
+    print("undefined")
+elif sys.argv[3] == "pct":
+    print(f"{round(v * 1000) / 10:g}%")
+else:
+    print(f"{round(v * 1000) / 1000:g}")
+PY
+}
+pct() { metric "$1" pct; }
+num() { metric "$1" num; }
 member_lines=$(for m in "${members[@]}"; do
   echo "  - $(grep -m1 '^name' "$m" | cut -d'"' -f2): $(head -n 1 "$m" | sed 's/^# Trained by `fracture train` //')"
 done)
