@@ -1,5 +1,6 @@
 //! The STOW-RS endpoint (PS3.18 10.5): `POST /studies` and `POST /studies/{study}` with
-//! `multipart/related; type="application/dicom"`. Each part is spooled, ingested and published
+//! `multipart/related; type="application/dicom"`. The request body is spooled as it arrives and
+//! mapped (not held on the heap); each part is spooled, ingested and published
 //! like a C-STORE; the request is answered only after its messages are committed.
 
 use std::collections::HashSet;
@@ -213,21 +214,22 @@ async fn store(ctx: Arc<Context>, study: Option<String>, request: Request) -> Re
         )
         .with_header(RETRY_AFTER, &RETRY_AFTER_S.to_string());
     };
-    let limit = usize::try_from(ctx.max_bytes).unwrap_or(usize::MAX);
-    let body = match axum::body::to_bytes(body, limit).await {
+    let body = match receive_body(&ctx, body).await {
         Ok(b) => b,
-        Err(e) => {
-            let too_big = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            return if too_big {
-                too_large(ctx.max_bytes)
-            } else {
-                plain(
-                    StatusCode::BAD_REQUEST,
-                    "the request body could not be read",
-                )
-            };
+        Err(BodyRefused::TooLarge) => return too_large(ctx.max_bytes),
+        Err(BodyRefused::Unreadable) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            )
+        }
+        Err(BodyRefused::Spool(e)) => {
+            tracing::error!(error = %e, spool = %ctx.spool.display(), "cannot spool a STOW-RS request");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot spool the request now; retry later",
+            )
+            .with_header(RETRY_AFTER, &RETRY_AFTER_S.to_string());
         }
     };
     let body_parts = match multipart::parse(&body, &boundary) {
@@ -385,6 +387,68 @@ async fn store_part(
         failure,
         record: Some(records.len() - 1),
     }
+}
+
+/// Why a request body was not received.
+enum BodyRefused {
+    TooLarge,
+    Unreadable,
+    Spool(std::io::Error),
+}
+
+/// Receives the request body into a file in the spool as it arrives (one frame in memory at a
+/// time, never more than `stow_max_bytes`), then maps the file: the parts are slices of the
+/// mapping, read from the page cache, not copies on the heap. The file is unlinked as soon as
+/// it is mapped (the mapping keeps it readable), so nothing stays behind.
+async fn receive_body(ctx: &Context, body: Body) -> Result<Bytes, BodyRefused> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let temp = ctx.spool.join(format!(
+        ".stow-request-{}-{}.part",
+        std::process::id(),
+        SPOOL_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let received = async {
+        // Read as well as write: the file is mapped for reading once complete.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .await
+            .map_err(BodyRefused::Spool)?;
+        let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+        let mut body = body;
+        let mut total: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| BodyRefused::Unreadable)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total += data.len() as u64;
+            if total > ctx.max_bytes {
+                return Err(BodyRefused::TooLarge);
+            }
+            w.write_all(&data).await.map_err(BodyRefused::Spool)?;
+        }
+        w.flush().await.map_err(BodyRefused::Spool)?;
+        let file = w.into_inner().into_std().await;
+        if total == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: the file is this request's own, in the spool folder (mode 0700), and nothing
+        // writes to it once mapped; it is unlinked below, so no other process opens it by name.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(BodyRefused::Spool)?;
+        Ok(Bytes::from_owner(map))
+    }
+    .await;
+    if let Err(e) = tokio::fs::remove_file(&temp).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            // A leftover holds PHI; the next start sweeps the spool.
+            tracing::error!(error = %e, "cannot remove a spooled STOW-RS request");
+        }
+    }
+    received
 }
 
 static SPOOL_SEQ: AtomicU64 = AtomicU64::new(0);
