@@ -29,6 +29,8 @@ use fracture_shared::bus::{BusError, OutRecord, Producer};
 use fracture_shared::messages::{decode, DeadLetter, ErrorKind};
 use fracture_shared::stage::Shutdown;
 
+use tokio_rustls::rustls;
+
 use crate::{Ingest, Input, Outcome};
 
 /// `[ingest.scp]`
@@ -46,6 +48,14 @@ pub struct ScpConfig {
     /// Associations served at once; more are rejected as transient (local limit exceeded), so
     /// the sender retries later instead of waiting on a full server.
     pub max_associations: usize,
+    /// DICOM TLS (PS3.15 B.1, the BCP 195 profiles): this node's certificate chain, PEM. With
+    /// `tls_key_file`, the door speaks TLS only (conventionally on port 2762); empty: plain TCP.
+    pub tls_cert_file: String,
+    /// The private key of `tls_cert_file`, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: String,
+    /// A PEM bundle of CAs: when set, every sender must present a certificate one of them
+    /// issued (mutual TLS, as BCP 195 asks of DICOM nodes); empty: any sender may connect.
+    pub tls_client_ca_file: String,
 }
 
 impl Default for ScpConfig {
@@ -55,7 +65,82 @@ impl Default for ScpConfig {
             ae_title: "FRACTURE".into(),
             spool: "fracture-spool".into(),
             max_associations: 8,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
         }
+    }
+}
+
+impl ScpConfig {
+    /// The TLS server configuration the `tls_*` settings describe; `None` for plain TCP. Errors
+    /// say which setting to fix.
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert, key, client_ca) = (
+            self.tls_cert_file.trim(),
+            self.tls_key_file.trim(),
+            self.tls_client_ca_file.trim(),
+        );
+        if cert.is_empty() && key.is_empty() {
+            if !client_ca.is_empty() {
+                return Err("ingest.scp.tls_client_ca_file is set without ingest.scp.tls_cert_file and tls_key_file: client certificates need TLS".into());
+            }
+            return Ok(None);
+        }
+        if cert.is_empty() || key.is_empty() {
+            return Err("ingest.scp.tls_cert_file and ingest.scp.tls_key_file go together: set both (PEM files) for DICOM TLS, or neither".into());
+        }
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| format!("cannot read ingest.scp.tls_cert_file {cert} ({e})"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ingest.scp.tls_cert_file {cert} is not PEM ({e})"))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "ingest.scp.tls_cert_file {cert} holds no certificate (-----BEGIN CERTIFICATE-----)"
+            ));
+        }
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            format!("cannot read a private key from ingest.scp.tls_key_file {key} ({e})")
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("cannot set up TLS ({e})"))?;
+        let builder = if client_ca.is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(client_ca).map_err(|e| {
+                format!("cannot read ingest.scp.tls_client_ca_file {client_ca} ({e})")
+            })? {
+                let ca = ca.map_err(|e| {
+                    format!("ingest.scp.tls_client_ca_file {client_ca} is not PEM ({e})")
+                })?;
+                roots.add(ca).map_err(|e| {
+                    format!("ingest.scp.tls_client_ca_file {client_ca} holds a certificate that cannot be a CA ({e})")
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "ingest.scp.tls_client_ca_file {client_ca} holds no certificate"
+                ));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("ingest.scp.tls_client_ca_file {client_ca}: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        };
+        let config = builder.with_single_cert(chain, private).map_err(|e| {
+            format!(
+                "ingest.scp.tls_cert_file and tls_key_file do not make a usable certificate ({e})"
+            )
+        })?;
+        Ok(Some(Arc::new(config)))
     }
 }
 
@@ -463,9 +548,11 @@ pub async fn serve_on(
     producer: Arc<Mutex<Box<dyn Producer>>>,
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    let tls = cfg.tls().map_err(std::io::Error::other)?;
     let spool = PathBuf::from(&cfg.spool);
     prepare_spool(&spool)?;
     let ctx = Arc::new(Context {
+        tls,
         ae_title: cfg.ae_title.clone(),
         spool,
         ingest,
@@ -475,7 +562,7 @@ pub async fn serve_on(
         fatal_notify: Notify::new(),
     });
     let slots = Arc::new(Semaphore::new(cfg.max_associations.max(1)));
-    tracing::info!(listen = %listener.local_addr()?, ae_title = %cfg.ae_title, max_associations = cfg.max_associations, "DICOM SCP listening");
+    tracing::info!(listen = %listener.local_addr()?, ae_title = %cfg.ae_title, max_associations = cfg.max_associations, tls = ctx.tls.is_some(), "DICOM SCP listening");
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -520,6 +607,8 @@ pub async fn serve_on(
 }
 
 struct Context {
+    /// DICOM TLS: every association is a TLS connection when set.
+    tls: Option<Arc<rustls::ServerConfig>>,
     ae_title: String,
     spool: PathBuf,
     ingest: Arc<Ingest>,
@@ -597,21 +686,61 @@ async fn association(
     // idle timeout; and shutdown need not wait for one.
     let mut shutdown = ctx.shutdown.clone();
     let options = options(&ctx.ae_title);
-    let established = tokio::select! {
-        r = tokio::time::timeout(ASSOCIATE_TIMEOUT, options.establish_async(socket)) => r,
-        _ = shutdown.wait() => return,
-    };
-    let mut assoc = match established {
-        Ok(Ok(a)) => a,
+    match ctx.tls.clone() {
+        None => {
+            let established = tokio::select! {
+                r = tokio::time::timeout(ASSOCIATE_TIMEOUT, options.establish_async(socket)) => r,
+                _ = shutdown.wait() => return,
+            };
+            if let Some(assoc) = established_or_log(established, peer) {
+                serve_association(&ctx, assoc, peer, shutdown).await;
+            }
+        }
+        Some(tls) => {
+            // The TLS handshake, then the association, within the same limit.
+            let options = options.tls_config(tls);
+            let established = tokio::select! {
+                r = tokio::time::timeout(ASSOCIATE_TIMEOUT, options.establish_tls_async(socket)) => r,
+                _ = shutdown.wait() => return,
+            };
+            if let Some(assoc) = established_or_log(established, peer) {
+                serve_association(&ctx, assoc, peer, shutdown).await;
+            }
+        }
+    }
+}
+
+/// The association, or why there is none (logged: a failed TLS handshake, a rejected
+/// association, no request in time).
+fn established_or_log<S>(
+    established: Result<
+        Result<AsyncServerAssociation<S>, dicom_ul::association::Error>,
+        tokio::time::error::Elapsed,
+    >,
+    peer: SocketAddr,
+) -> Option<AsyncServerAssociation<S>> {
+    match established {
+        Ok(Ok(a)) => Some(a),
         Ok(Err(e)) => {
             tracing::info!(peer = %peer, error = %e, "association not established");
-            return;
+            None
         }
         Err(_) => {
             tracing::info!(peer = %peer, "no association request in time, closing");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Serves one established association (over TCP or TLS) until it is released or aborted.
+async fn serve_association<S>(
+    ctx: &Context,
+    mut assoc: AsyncServerAssociation<S>,
+    peer: SocketAddr,
+    mut shutdown: Shutdown,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let calling = dicom_ul::association::Association::peer_ae_title(&assoc).to_string();
     let accepted = assoc
         .presentation_contexts()
@@ -628,7 +757,7 @@ async fn association(
         };
         match pdu {
             Ok(Pdu::PData { data }) => {
-                if let Err(e) = pdata(&ctx, &mut assoc, data, &mut command, &mut pending).await {
+                if let Err(e) = pdata(ctx, &mut assoc, data, &mut command, &mut pending).await {
                     break Err(e);
                 }
             }
@@ -656,13 +785,16 @@ async fn association(
 }
 
 /// Handles the values of one P-DATA-TF: command fragments, then data set fragments.
-async fn pdata(
+async fn pdata<S>(
     ctx: &Context,
-    assoc: &mut AsyncServerAssociation<TcpStream>,
+    assoc: &mut AsyncServerAssociation<S>,
     values: Vec<PDataValue>,
     command: &mut Vec<u8>,
     pending: &mut Option<Pending>,
-) -> Result<(), Ended> {
+) -> Result<(), Ended>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     for value in values {
         match value.value_type {
             PDataValueType::Command => {
@@ -837,11 +969,14 @@ fn response(
     InMemDicomObject::command_from_element_iter(elements)
 }
 
-async fn send_command(
-    assoc: &mut AsyncServerAssociation<TcpStream>,
+async fn send_command<S>(
+    assoc: &mut AsyncServerAssociation<S>,
     context_id: u8,
     cmd: &InMemDicomObject<StandardDataDictionary>,
-) -> Result<(), Ended> {
+) -> Result<(), Ended>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let mut data = Vec::new();
     cmd.write_dataset_with_ts(&mut data, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .map_err(|e| format!("cannot encode a response: {e}"))?;

@@ -783,89 +783,11 @@ async fn a_busy_pacs_is_waited_for_a_missing_instance_dead_lettered_and_the_key_
 // reaches the shared Orthanc through a TLS terminator of our own: a real rustls handshake with a
 // throwaway CA, each connection relayed to Orthanc's HTTP port.
 
-/// A throwaway CA and a server certificate it issued for `localhost` (a DNS name only), made
-/// with the openssl command line tool in `dir`: (CA PEM, server chain PEM, server key PEM).
+/// A throwaway CA and a server certificate it issued for `localhost` (a DNS name only):
+/// (CA PEM, server chain PEM, server key PEM).
 fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::write(
-        dir.join("ca.cnf"),
-        "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = ca\n\
-         [dn]\nCN = fracture test CA (throwaway)\n\
-         [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
-         subjectKeyIdentifier = hash\n",
-    )
-    .expect("write ca.cnf");
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
-         extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost\n\
-         subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n",
-    )
-    .expect("write server.ext");
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run openssl ({e}): the HTTPS test makes its throwaway CA with the openssl \
-                     command line tool; install it (Debian package openssl, which ca-certificates \
-                     depends on)"
-                )
-            });
-        assert!(
-            out.status.success(),
-            "openssl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509", "-config", "ca.cnf"][..],
-            &ec,
-            &["-days", "2", "-keyout", "ca.key", "-out", "ca.pem"],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req", "-new", "-config", "ca.cnf", "-subj", "/CN=localhost"][..],
-            &ec,
-            &["-keyout", "server.key", "-out", "server.csr"],
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-set_serial",
-        "0x5eed0001",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.pem",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
+    let pki = common::test_pki(dir, "DNS:localhost");
+    (pki.ca, pki.server_cert, pki.server_key)
 }
 
 /// A TLS terminator in front of the test's Orthanc.

@@ -157,6 +157,7 @@ async fn a_50_mb_radiograph_is_de_identified_in_a_small_multiple_of_its_size() {
         ae_title: "FRACTURE".into(),
         spool: work.path().join("spool").display().to_string(),
         max_associations: 2,
+        ..Default::default()
     };
     let (stop, shutdown) = Shutdown::new();
     let ingest = std::sync::Arc::new(ingest);

@@ -39,6 +39,11 @@ impl Harness {
     }
 
     async fn start_with(max_associations: usize) -> Self {
+        Self::start_configured(|c| c.max_associations = max_associations).await
+    }
+
+    /// An SCP whose configuration `f` adjusts (TLS, limits).
+    async fn start_configured(f: impl FnOnce(&mut ScpConfig)) -> Self {
         // dcmtk comes with the de-identification peers; fail loudly rather than skip.
         common::peers_python();
         for tool in ["echoscu", "dcmsend", "dcmodify", "dcmcjpeg"] {
@@ -83,12 +88,14 @@ impl Harness {
             .await
             .expect("a free port");
         let port = listener.local_addr().expect("an address").port();
-        let cfg = ScpConfig {
+        let mut cfg = ScpConfig {
             listen: String::new(),
             ae_title: AE.into(),
             spool: dir.path().join("spool").display().to_string(),
-            max_associations,
+            max_associations: 4,
+            ..Default::default()
         };
+        f(&mut cfg);
         let (stop, shutdown) = Shutdown::new();
         let server = tokio::spawn({
             let ingest = ingest.clone();
@@ -518,4 +525,112 @@ async fn a_store_outage_asks_the_sender_to_retry_and_publishes_nothing() {
     );
     assert!(h.spool_files().is_empty());
     h.stop().await;
+}
+
+/// DICOM TLS with client certificates: dcmtk's storescu and echoscu (built with OpenSSL) over a
+/// real TLS handshake. A sender with a certificate our CA issued stores a radiograph; one
+/// without a certificate, or speaking plain TCP, is turned away and nothing is published.
+#[tokio::test]
+async fn dicom_tls_with_client_certificates_stores_and_turns_away_the_rest() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = common::test_pki(pki_dir.path(), "DNS:localhost,IP:127.0.0.1");
+    let (cert, key, ca) = (
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let mut h = Harness::start_configured(|c| {
+        c.tls_cert_file = cert;
+        c.tls_key_file = key;
+        c.tls_client_ca_file = ca;
+    })
+    .await;
+    let rg3 = fixture("RG3_UNCR.dcm");
+    let (client_key, client_cert, ca) = (
+        pki.client_key.display().to_string(),
+        pki.client_cert.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let dcmtk = |tool: &'static str, tls: Vec<String>, file: Option<PathBuf>| {
+        let port = h.port.to_string();
+        async move {
+            let out = tokio::process::Command::new(tool)
+                .args(&tls)
+                .args(["-aet", "TESTSCU", "-aec", AE, "127.0.0.1", &port])
+                .args(file.iter())
+                .output()
+                .await
+                .expect("the dcmtk tool runs");
+            eprintln!(
+                "{tool} {tls:?} -> {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out
+        }
+    };
+    let with_cert = vec![
+        "+tls".to_string(),
+        client_key.clone(),
+        client_cert.clone(),
+        "+cf".to_string(),
+        ca.clone(),
+    ];
+    let echo = dcmtk("echoscu", with_cert.clone(), None).await;
+    assert!(
+        echo.status.success(),
+        "C-ECHO over TLS with a client certificate"
+    );
+    let stored = dcmtk("storescu", with_cert, Some(rg3.clone())).await;
+    assert!(
+        stored.status.success(),
+        "C-STORE over TLS with a client certificate"
+    );
+    let anonymous = vec!["+tla".to_string(), "+cf".to_string(), ca.clone()];
+    let refused = dcmtk("storescu", anonymous, Some(rg3.clone())).await;
+    assert!(
+        !refused.status.success(),
+        "a sender without a certificate is turned away"
+    );
+    let plain = dcmtk("storescu", vec![], Some(rg3.clone())).await;
+    assert!(!plain.status.success(), "plain TCP is turned away");
+
+    let (deidentified, dead) = h.published().await;
+    assert_eq!(
+        deidentified.len(),
+        1,
+        "only the certified sender's radiograph"
+    );
+    assert!(dead.is_empty(), "nothing dead-lettered");
+    assert!(h.spool_files().is_empty(), "{:?}", h.spool_files());
+    h.stop().await;
+}
+
+#[test]
+fn tls_settings_that_cannot_work_are_refused_with_what_to_set() {
+    let half = ScpConfig {
+        tls_cert_file: "/etc/fracture/tls.pem".into(),
+        ..Default::default()
+    };
+    let e = half.tls().unwrap_err();
+    assert!(e.contains("tls_key_file"), "{e}");
+    let ca_only = ScpConfig {
+        tls_client_ca_file: "/etc/fracture/ca.pem".into(),
+        ..Default::default()
+    };
+    assert!(ca_only.tls().unwrap_err().contains("tls_cert_file"));
+    let missing = ScpConfig {
+        tls_cert_file: "/nonexistent/tls.pem".into(),
+        tls_key_file: "/nonexistent/tls.key".into(),
+        ..Default::default()
+    };
+    let e = missing.tls().unwrap_err();
+    assert!(
+        e.contains("cannot read") && e.contains("/nonexistent/tls.pem"),
+        "{e}"
+    );
+    assert!(
+        ScpConfig::default().tls().unwrap().is_none(),
+        "plain TCP by default"
+    );
 }
