@@ -78,6 +78,14 @@ pub struct ExportConfig {
     pub timeout_ms: u64,
     /// Findings per batch (one transaction) of the export consumer.
     pub batch: BatchConfig,
+    /// DICOM TLS to the PACS (PS3.15 B.1): its certificate is verified against the system's
+    /// roots and `tls_ca_file`, for the host of `pacs`.
+    pub tls: bool,
+    /// A PEM bundle of CAs trusted besides the system's (e.g. the hospital's internal CA).
+    pub tls_ca_file: String,
+    /// Our certificate chain and key (PEM), for a PACS that requires client certificates.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for ExportConfig {
@@ -90,6 +98,10 @@ impl Default for ExportConfig {
             connect_timeout_ms: 10_000,
             timeout_ms: 60_000,
             batch: BatchConfig::default(),
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -114,7 +126,27 @@ impl ExportConfig {
         if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
             return Err("postprocess.export timeouts must be above 0 ms".into());
         }
+        let tls_files = [&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file];
+        if !self.tls && tls_files.iter().any(|f| !f.trim().is_empty()) {
+            return Err(
+                "postprocess.export.tls_* files are set but tls is false: set tls = true for DICOM TLS to the PACS, or remove them".into(),
+            );
+        }
         Ok(pacs)
+    }
+
+    /// The TLS setup for the PACS, when `tls` is on.
+    pub fn tls_setup(&self, pacs: &Pacs) -> Result<Option<scu::Tls>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        scu::Tls::new(
+            pacs,
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+        )
+        .map(Some)
     }
 }
 
@@ -176,6 +208,8 @@ struct Object {
 /// The export consumer's handler.
 pub struct Exporter {
     pub pacs: Pacs,
+    /// DICOM TLS to the PACS, when configured.
+    pub tls: Option<scu::Tls>,
     pub cfg: ExportConfig,
     pub store: BlobStore,
     pub linkage: LinkageReader,
@@ -195,11 +229,13 @@ impl Exporter {
         registry: &prometheus::Registry,
     ) -> Result<Self, String> {
         let pacs = cfg.validate()?;
+        let tls = cfg.tls_setup(&pacs)?;
         let ledger = Ledger::open(&PathBuf::from(&cfg.ledger))
             .await
             .map_err(|e| e.to_string())?;
         Ok(Self {
             pacs,
+            tls,
             cfg: cfg.clone(),
             store,
             linkage: LinkageReader::new(&PathBuf::from(&cfg.linkage)),
@@ -301,6 +337,7 @@ impl Exporter {
         let mut assoc = scu::connect(
             &self.pacs,
             &self.cfg.calling_ae_title,
+            self.tls.as_ref(),
             Duration::from_millis(self.cfg.connect_timeout_ms),
             Duration::from_millis(self.cfg.timeout_ms),
         )
@@ -370,6 +407,8 @@ pub async fn run(env: &StageEnv, cfg: &ExportConfig) -> Result<(), StageFailed> 
         source: BusError::Fatal(m),
     };
     let pacs = cfg.validate().map_err(fatal)?;
+    // A TLS setting that cannot work stops the stage at once, not at the first finding.
+    cfg.tls_setup(&pacs).map_err(fatal)?;
     let exporter = loop {
         match Exporter::open(cfg, env.store.clone(), &env.metrics.registry).await {
             Ok(e) => break e,

@@ -1,7 +1,9 @@
-//! The C-STORE SCU the exporter sends with: one association (dicom-ul's async client) proposing
-//! Comprehensive SR and Secondary Capture storage in explicit VR little endian (implicit VR
-//! little endian as the fallback every SCP must accept), and one C-STORE per object.
+//! The C-STORE SCU the exporter sends with: one association (dicom-ul's async client, over TCP or
+//! DICOM TLS) proposing Comprehensive SR and Secondary Capture storage in explicit VR little
+//! endian (implicit VR little endian as the fallback every SCP must accept), and one C-STORE per
+//! object.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_core::{dicom_value, DataElement, VR};
@@ -10,11 +12,13 @@ use dicom_object::{DefaultDicomObject, InMemDicomObject, StandardDataDictionary}
 use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
 };
+use dicom_ul::association::client::AsyncTlsStream;
 use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls;
 
 /// The storage classes the exporter sends.
 pub const CLASSES: &[&str] = &[
@@ -92,18 +96,140 @@ fn slow(what: &str, limit: Duration) -> Unavailable {
     Unavailable(format!("no progress {what} for {} ms", limit.as_millis()))
 }
 
+/// DICOM TLS to the PACS (PS3.15 B.1): the client configuration and the name the PACS's
+/// certificate must carry.
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: String,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl Tls {
+    /// TLS to `pacs`, trusting the system's roots plus the PEM CAs in `ca_file`, presenting
+    /// `cert_file`/`key_file` (PEM) when given (a PACS that requires client certificates). The
+    /// PACS's certificate must name the host of its address. Errors say which setting to fix.
+    pub fn new(
+        pacs: &Pacs,
+        ca_file: &str,
+        cert_file: &str,
+        key_file: &str,
+    ) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let ca_file = ca_file.trim();
+        if !ca_file.is_empty() {
+            let certs = CertificateDer::pem_file_iter(ca_file)
+                .map_err(|e| format!("cannot read postprocess.export.tls_ca_file {ca_file} ({e})"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    format!("postprocess.export.tls_ca_file {ca_file} is not PEM ({e})")
+                })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "postprocess.export.tls_ca_file {ca_file} holds no certificate; give the PEM of the CA that issued the PACS's certificate"
+                ));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| {
+                    format!("postprocess.export.tls_ca_file {ca_file} holds a certificate that cannot be a CA ({e})")
+                })?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("cannot set up TLS ({e})"))?
+            .with_root_certificates(roots);
+        let (cert_file, key_file) = (cert_file.trim(), key_file.trim());
+        let config = match (cert_file.is_empty(), key_file.is_empty()) {
+            (true, true) => builder.with_no_client_auth(),
+            (false, false) => {
+                let chain = CertificateDer::pem_file_iter(cert_file)
+                    .map_err(|e| format!("cannot read postprocess.export.tls_cert_file {cert_file} ({e})"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("postprocess.export.tls_cert_file {cert_file} is not PEM ({e})"))?;
+                let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+                    format!("cannot read a private key from postprocess.export.tls_key_file {key_file} ({e})")
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!("postprocess.export.tls_cert_file and tls_key_file do not make a usable certificate ({e})")
+                })?
+            }
+            _ => {
+                return Err("postprocess.export.tls_cert_file and tls_key_file go together: set both, or neither".into())
+            }
+        };
+        let host = pacs
+            .address
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&pacs.address)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+            format!("postprocess.export.pacs: {host:?} is not a host name TLS can verify ({e})")
+        })?;
+        Ok(Self {
+            config: Arc::new(config),
+            server_name: host.to_string(),
+        })
+    }
+}
+
+/// The association, over TCP or TLS.
+enum Link {
+    Tcp(Box<AsyncClientAssociation<TcpStream>>),
+    Tls(Box<AsyncClientAssociation<AsyncTlsStream>>),
+}
+
+/// `$body` with `$a` bound to the association, whichever the link.
+macro_rules! on_link {
+    ($link:expr, $a:ident => $body:expr) => {
+        match $link {
+            Link::Tcp($a) => $body,
+            Link::Tls($a) => $body,
+        }
+    };
+}
+
+/// Writes one data set as P-DATA fragments.
+async fn write_pdata<S>(
+    a: &mut AsyncClientAssociation<S>,
+    context: u8,
+    data: &[u8],
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut writer = a.send_pdata(context);
+    writer.write_all(data).await?;
+    writer.finish().await
+}
+
 /// An open association with the PACS.
 pub struct Association {
-    inner: AsyncClientAssociation<TcpStream>,
+    inner: Link,
     message_id: u16,
     io: Duration,
 }
 
-/// Requests an association with `pacs` as `calling`. `connect` bounds the TCP connection and
-/// the association negotiation; `io` bounds each later send or receive.
+/// Requests an association with `pacs` as `calling`, over DICOM TLS when `tls` is given.
+/// `connect` bounds the connection (and TLS handshake) and the association negotiation; `io`
+/// bounds each later send or receive.
 pub async fn connect(
     pacs: &Pacs,
     calling: &str,
+    tls: Option<&Tls>,
     connect: Duration,
     io: Duration,
 ) -> Result<Association, Unavailable> {
@@ -122,17 +248,48 @@ pub async fn connect(
             ],
         );
     }
-    let inner =
-        match tokio::time::timeout(connect, options.establish_async(pacs.address.as_str())).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(Unavailable(format!("no association with {pacs}: {e}"))),
-            Err(_) => {
-                return Err(Unavailable(format!(
-                    "no association with {pacs} within {} ms",
-                    connect.as_millis()
-                )))
+    let established = match tls {
+        None => tokio::time::timeout(connect, options.establish_async(pacs.address.as_str()))
+            .await
+            .map(|r| r.map(|a| Link::Tcp(Box::new(a)))),
+        Some(tls) => {
+            let options = options
+                .tls_config(tls.config.clone())
+                .server_name(&tls.server_name);
+            tokio::time::timeout(connect, options.establish_tls_async(pacs.address.as_str()))
+                .await
+                .map(|r| r.map(|a| Link::Tls(Box::new(a))))
+        }
+    };
+    let inner = match established {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            // dicom-ul's message names the step; the TLS reason is further down the chain.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
             }
-        };
+            let (tls, hint) = match tls {
+                None => ("", ""),
+                Some(_) if why.contains("certificate") => (
+                    " over TLS",
+                    "; set postprocess.export.tls_ca_file to the CA that issued the PACS's certificate (or check the host in postprocess.export.pacs)",
+                ),
+                Some(_) => (" over TLS", ""),
+            };
+            return Err(Unavailable(format!(
+                "no association with {pacs}{tls}: {why}{hint}"
+            )));
+        }
+        Err(_) => {
+            return Err(Unavailable(format!(
+                "no association with {pacs} within {} ms",
+                connect.as_millis()
+            )))
+        }
+    };
     Ok(Association {
         inner,
         message_id: 0,
@@ -160,9 +317,7 @@ impl Association {
     pub async fn store(&mut self, obj: &DefaultDicomObject) -> Result<u16, Unavailable> {
         let class = trim(obj.meta().media_storage_sop_class_uid()).to_string();
         let instance = trim(obj.meta().media_storage_sop_instance_uid()).to_string();
-        let pc = self
-            .inner
-            .presentation_contexts()
+        let pc = on_link!(&self.inner, a => a.presentation_contexts())
             .iter()
             .find(|pc| {
                 pc.reason == PresentationContextResultReason::Acceptance
@@ -224,15 +379,17 @@ impl Association {
                 data: command_bytes,
             }],
         };
-        match tokio::time::timeout(io, self.inner.send(&request)).await {
+        match tokio::time::timeout(io, async {
+            on_link!(&mut self.inner, a => a.send(&request).await)
+        })
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(broke("sending the request", &e)),
             Err(_) => return Err(slow("sending the request", io)),
         }
-        let mut writer = self.inner.send_pdata(pc.id);
         let sent = tokio::time::timeout(io, async {
-            writer.write_all(&data).await?;
-            writer.finish().await
+            on_link!(&mut self.inner, a => write_pdata(a, pc.id, &data).await)
         })
         .await;
         match sent {
@@ -248,7 +405,11 @@ impl Association {
         let mut command = Vec::new();
         loop {
             let io = self.io;
-            let pdu = match tokio::time::timeout(io, self.inner.receive()).await {
+            let pdu = match tokio::time::timeout(io, async {
+                on_link!(&mut self.inner, a => a.receive().await)
+            })
+            .await
+            {
                 Ok(Ok(pdu)) => pdu,
                 Ok(Err(e)) => {
                     return Err(Unavailable(format!(
@@ -303,10 +464,11 @@ impl Association {
     /// Releases the association (an abort if the PACS does not confirm in time).
     pub async fn release(self) {
         let io = self.io;
-        if !matches!(
-            tokio::time::timeout(io, self.inner.release()).await,
-            Ok(Ok(()))
-        ) {
+        let released = match self.inner {
+            Link::Tcp(a) => tokio::time::timeout(io, a.release()).await,
+            Link::Tls(a) => tokio::time::timeout(io, a.release()).await,
+        };
+        if !matches!(released, Ok(Ok(()))) {
             tracing::debug!("the PACS did not confirm the association release");
         }
     }
