@@ -1275,3 +1275,98 @@ fn postprocess_exports_to_the_pacs_from_the_edge_volume_when_asked() {
         );
     }
 }
+
+/// DICOM TLS from the values: ingest's C-STORE door and the export to the PACS read their
+/// certificates and keys from the named Secrets, mounted read-only in the pod that uses them
+/// (and only there), at the paths fracture.toml gives.
+#[test]
+fn dicom_tls_certificates_come_from_their_secrets_in_the_pods_that_use_them() {
+    let r = all_on();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let settings = r.settings(tmp.path(), &[]);
+    let ingest: fracture_ingest::IngestConfig = settings.section("ingest").expect("ingest");
+    let pp: fracture_postprocess::PostprocessConfig =
+        settings.section("postprocess").expect("postprocess");
+    let export = pp.export.expect("all-on exports");
+    assert!(export.tls, "all-on: TLS to the PACS");
+    let files = [
+        (
+            "ingest",
+            ingest.scp.tls_cert_file.as_str(),
+            "fracture-dicom-tls",
+            "tls.crt",
+        ),
+        (
+            "ingest",
+            ingest.scp.tls_key_file.as_str(),
+            "fracture-dicom-tls",
+            "tls.key",
+        ),
+        (
+            "ingest",
+            ingest.scp.tls_client_ca_file.as_str(),
+            "fracture-dicom-tls",
+            "ca.crt",
+        ),
+        (
+            "postprocess",
+            export.tls_ca_file.as_str(),
+            "fracture-pacs-tls",
+            "ca.crt",
+        ),
+        (
+            "postprocess",
+            export.tls_cert_file.as_str(),
+            "fracture-pacs-tls",
+            "tls.crt",
+        ),
+        (
+            "postprocess",
+            export.tls_key_file.as_str(),
+            "fracture-pacs-tls",
+            "tls.key",
+        ),
+    ];
+    for (stage, file, secret, key) in files {
+        let (mount, read_only, volume) = r
+            .mount_of(stage, file)
+            .unwrap_or_else(|| panic!("{stage}: {file} is on no volume"));
+        assert!(read_only, "{stage}: {file} is mounted read-only");
+        assert_eq!(text(&volume["secret"]["secretName"]), secret, "{file}");
+        assert_eq!(
+            Path::new(file)
+                .strip_prefix(&mount)
+                .expect("under its mount"),
+            Path::new(key),
+            "{stage}: {file} is the Secret's {key}"
+        );
+        for other in STAGES.into_iter().filter(|s| *s != stage) {
+            assert!(
+                !items(&r.pod(other)["volumes"])
+                    .iter()
+                    .any(|v| text(&v["secret"]["secretName"]) == secret),
+                "{other} must not mount {secret}"
+            );
+        }
+    }
+    // Off by default: plain TCP on both links, no Secret mounted.
+    let d = defaults();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ingest: fracture_ingest::IngestConfig = d
+        .settings(tmp.path(), &[])
+        .section("ingest")
+        .expect("ingest");
+    assert!(ingest.scp.tls().expect("valid").is_none());
+    // TLS without its Secret is refused by helm, naming the value.
+    let out = Command::new(helm())
+        .args(["template", RELEASE, ".", "--kube-version", KUBE_VERSION])
+        .args(["--set", "ingest.dicom.tls.enabled=true"])
+        .current_dir(chart())
+        .output()
+        .expect("helm runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("ingest.dicom.tls.existingSecret"),
+        "{stderr}"
+    );
+}

@@ -77,6 +77,8 @@ app.kubernetes.io/part-of: fracture
 {{- define "fracture.configDir" -}}/etc/fracture/config{{- end -}}
 {{- define "fracture.secretDir" -}}/etc/fracture/secret{{- end -}}
 {{- define "fracture.edgeDir" -}}/var/lib/fracture/edge{{- end -}}
+{{- define "fracture.dicomTlsDir" -}}/etc/fracture/dicom-tls{{- end -}}
+{{- define "fracture.exportTlsDir" -}}/etc/fracture/pacs-tls{{- end -}}
 {{- define "fracture.spoolDir" -}}/var/lib/fracture/spool{{- end -}}
 {{- define "fracture.auditDir" -}}/var/lib/fracture/audit{{- end -}}
 
@@ -105,6 +107,14 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- if $v.ingest.dicom.enabled -}}
 {{- $_ := set $scp "listen" (printf "0.0.0.0:%d" (int $v.ingest.dicom.containerPort)) -}}
 {{- end -}}
+{{- if $v.ingest.dicom.tls.enabled -}}
+{{- $_ := required "ingest.dicom.tls.existingSecret: a kubernetes.io/tls Secret (tls.crt, tls.key; ca.crt for client certificates)" $v.ingest.dicom.tls.existingSecret -}}
+{{- $_ := set $scp "tls_cert_file" (printf "%s/tls.crt" (include "fracture.dicomTlsDir" .)) -}}
+{{- $_ := set $scp "tls_key_file" (printf "%s/tls.key" (include "fracture.dicomTlsDir" .)) -}}
+{{- if $v.ingest.dicom.tls.requireClientCertificates -}}
+{{- $_ := set $scp "tls_client_ca_file" (printf "%s/ca.crt" (include "fracture.dicomTlsDir" .)) -}}
+{{- end -}}
+{{- end -}}
 {{- $ingest := dict "key_file" (printf "%s/deid.key" (include "fracture.secretDir" .)) "site_code" $v.ingest.siteCode "uid_root" (toString $v.ingest.uidRoot) "quarantine" (printf "%s/quarantine" (include "fracture.edgeDir" .)) "linkage" (printf "%s/linkage/linkage.db" (include "fracture.edgeDir" .)) "scp" $scp -}}
 {{- if $v.ingest.input.existingClaim -}}
 {{- $_ := set $ingest "input_dir" $v.ingest.input.mountPath -}}
@@ -117,6 +127,16 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- if $v.postprocess.export.enabled -}}
 {{- $e := $v.postprocess.export -}}
 {{- $export := dict "pacs" (required "postprocess.export.pacs: the PACS to send results to, AE_TITLE@host:port" $e.pacs) "calling_ae_title" $e.callingAeTitle "linkage" (printf "%s/linkage" (include "fracture.edgeDir" .)) "ledger" (printf "%s/export/ledger.db" (include "fracture.edgeDir" .)) "connect_timeout_ms" $e.connectTimeoutMs "timeout_ms" $e.timeoutMs -}}
+{{- if $e.tls.enabled -}}
+{{- $_ := required "postprocess.export.tls.existingSecret: a Secret with the PACS's CA in ca.crt (and our tls.crt, tls.key if the PACS asks for them)" $e.tls.existingSecret -}}
+{{- $dir := include "fracture.exportTlsDir" . -}}
+{{- $_ := set $export "tls" true -}}
+{{- $_ := set $export "tls_ca_file" (printf "%s/ca.crt" $dir) -}}
+{{- if $e.tls.clientCertificate -}}
+{{- $_ := set $export "tls_cert_file" (printf "%s/tls.crt" $dir) -}}
+{{- $_ := set $export "tls_key_file" (printf "%s/tls.key" $dir) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $cfg "postprocess" (dict "export" $export) -}}
 {{- end -}}
 {{- toJson (mustMergeOverwrite $cfg (deepCopy (default dict $v.config))) -}}
