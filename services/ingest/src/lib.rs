@@ -7,6 +7,7 @@ pub mod dicomweb;
 pub mod export;
 pub mod linkage;
 pub mod scp;
+pub mod tls;
 pub mod walk;
 
 use std::path::{Path, PathBuf};

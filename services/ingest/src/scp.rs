@@ -104,29 +104,14 @@ impl ScpConfig {
         let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
             format!("cannot read a private key from ingest.scp.tls_key_file {key} ({e})")
         })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS ({e})"))?;
         let builder = if client_ca.is_empty() {
             builder.with_no_client_auth()
         } else {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in CertificateDer::pem_file_iter(client_ca).map_err(|e| {
-                format!("cannot read ingest.scp.tls_client_ca_file {client_ca} ({e})")
-            })? {
-                let ca = ca.map_err(|e| {
-                    format!("ingest.scp.tls_client_ca_file {client_ca} is not PEM ({e})")
-                })?;
-                roots.add(ca).map_err(|e| {
-                    format!("ingest.scp.tls_client_ca_file {client_ca} holds a certificate that cannot be a CA ({e})")
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(format!(
-                    "ingest.scp.tls_client_ca_file {client_ca} holds no certificate"
-                ));
-            }
+            let roots = crate::tls::ca_roots(client_ca, "ingest.scp.tls_client_ca_file", false)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,

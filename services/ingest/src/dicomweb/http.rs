@@ -12,7 +12,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_LENGTH, 
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
 /// Where the PACS's DICOMweb service lives.
@@ -267,38 +267,8 @@ where
 /// certificates and those of `ca_file` (a PEM bundle, e.g. the hospital's internal CA; empty:
 /// none). The server's certificate is always verified, for the URL's host.
 pub fn tls_connector(ca_file: &str) -> Result<TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (system, _) = roots.add_parsable_certificates(native.certs);
-    if !native.errors.is_empty() {
-        // Only a problem if the PACS's certificate chains to a system root it could not read.
-        tracing::debug!(
-            errors = native.errors.len(),
-            "some system root certificates could not be read"
-        );
-    }
-    let ca_file = ca_file.trim();
-    let mut own = 0;
-    if !ca_file.is_empty() {
-        let certs = CertificateDer::pem_file_iter(ca_file)
-            .map_err(|e| format!("cannot read ingest.dicomweb.ca_file {ca_file} ({e})"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("ingest.dicomweb.ca_file {ca_file} is not a PEM bundle ({e})"))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "ingest.dicomweb.ca_file {ca_file} holds no certificate (-----BEGIN CERTIFICATE-----); give the PEM file of the CA that issued the PACS's certificate"
-            ));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                format!("ingest.dicomweb.ca_file {ca_file} holds a certificate that cannot be trusted as a CA ({e})")
-            })?;
-            own += 1;
-        }
-    }
-    tracing::debug!(system, ca_file = own, "TLS trust anchors loaded");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let roots = crate::tls::ca_roots(ca_file, "ingest.dicomweb.ca_file", true)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS ({e})"))?
         .with_root_certificates(roots)

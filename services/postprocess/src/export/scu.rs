@@ -124,29 +124,9 @@ impl Tls {
     ) -> Result<Self, String> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        let ca_file = ca_file.trim();
-        if !ca_file.is_empty() {
-            let certs = CertificateDer::pem_file_iter(ca_file)
-                .map_err(|e| format!("cannot read postprocess.export.tls_ca_file {ca_file} ({e})"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    format!("postprocess.export.tls_ca_file {ca_file} is not PEM ({e})")
-                })?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "postprocess.export.tls_ca_file {ca_file} holds no certificate; give the PEM of the CA that issued the PACS's certificate"
-                ));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| {
-                    format!("postprocess.export.tls_ca_file {ca_file} holds a certificate that cannot be a CA ({e})")
-                })?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
+        let roots =
+            fracture_ingest::tls::ca_roots(ca_file, "postprocess.export.tls_ca_file", true)?;
+        let builder = rustls::ClientConfig::builder_with_provider(fracture_ingest::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS ({e})"))?
             .with_root_certificates(roots);
