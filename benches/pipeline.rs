@@ -75,7 +75,7 @@ async fn main() {
     // metadata and claim-check traffic.
     let dicom_outputs = std::env::var("FRACTURE_LOAD_DICOM_OUTPUTS").map_or(true, |v| v != "0");
     let extra = format!(
-        "[preprocess.batch]\nmax = 32\n[ensemble]\nbatch_size = 32\n[postprocess]\n\
+        "[preprocess.batch]\nmax = 32\n[ensemble.batch]\nmax = 32\n[postprocess]\n\
          dicom_outputs = {dicom_outputs}\n[postprocess.batch]\nmax = 64\n"
     );
     eprintln!("SR and SC outputs: {dicom_outputs}");

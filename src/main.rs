@@ -1,15 +1,21 @@
 //! `fracture`: fracture detection on musculoskeletal radiographs. Argument parsing only; the
 //! work lives in the stage crates, wired by `scan` (one process) and `serve` (one stage).
 
+mod config;
+mod deid;
+mod evaluate;
+mod labels;
 mod report;
+mod results;
 mod scan;
 mod serve;
+mod stages;
 mod train;
 mod wiring;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +27,7 @@ struct Cli {
     /// Configuration file (default: ./fracture.toml if present).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Override one setting, e.g. `--set ensemble.batch_size=8` (repeatable).
+    /// Override one setting, e.g. `--set ensemble.batch.max=8` (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_kv)]
     set: Vec<(String, String)>,
     #[command(subcommand)]
@@ -31,33 +37,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Scan files and folders with all five stages in one process (no broker) and write a report.
-    Scan {
-        /// DICOM files or folders to scan (recursively).
-        #[arg(required = true)]
-        paths: Vec<PathBuf>,
-        /// Output folder: findings.jsonl, dead-letter.jsonl, linkage.db, report.html.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// De-identification key file (at least 32 bytes); default: DIR/deid.key, created if missing.
-        #[arg(long, value_name = "FILE")]
-        key_file: Option<PathBuf>,
-        /// Ensemble manifest (overrides model.manifest).
-        #[arg(long, value_name = "FILE")]
-        model: Option<PathBuf>,
-        /// Reference reads keyed by original SOP Instance UID (sop_instance_uid,region,fracture,x0,y0,x1,y1):
-        /// pseudonymised into DIR/labels.csv, stored by the audit sink, and evaluated into DIR/metrics.json.
-        #[arg(long, value_name = "FILE")]
-        labels: Option<PathBuf>,
-        /// Keep DIR/store, the pipeline's claim-check store (de-identified copies, pre-processed
-        /// tensors, SR and SC objects). By default it is removed when the scan has finished,
-        /// since the results are in findings.jsonl, dicom/ and report.html; an interrupted scan
-        /// keeps it until the resumed one finishes.
-        #[arg(long)]
-        keep_store: bool,
-    },
+    Scan(scan::ScanArgs),
     /// Run one stage as its own process on Kafka.
     Serve {
-        stage: Stage,
+        stage: stages::Stage,
         /// Files or folders for ingest to read (default: ingest.input_dir).
         paths: Vec<PathBuf>,
         /// This replica's stable name (transactional id suffix); default: $HOSTNAME or "0".
@@ -100,8 +83,8 @@ enum Command {
         #[arg(long, default_value_t = 2020)]
         seed: u64,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Json)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = evaluate::Format::Json)]
+        format: evaluate::Format,
     },
     /// Train one ensemble member on labelled DICOM radiographs (the paper's recipe: map and
     /// image loss, Adam, augmentation, balanced sampling, early stopping on tuning AUC); it
@@ -164,22 +147,6 @@ enum ModelCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum Format {
-    Json,
-    Markdown,
-    Html,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-pub enum Stage {
-    Ingest,
-    Preprocess,
-    Ensemble,
-    Postprocess,
-    Audit,
-}
-
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -207,28 +174,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = fracture_shared::config::Settings::load(cli.config.as_deref(), &cli.set)?;
+    let config = config::Config::load(&settings)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Scan {
-            paths,
-            out,
-            key_file,
-            model,
-            labels,
-            keep_store,
-        } => runtime.block_on(scan::run(
-            &settings,
-            &paths,
-            &out,
-            key_file.as_deref(),
-            model.as_deref(),
-            labels.as_deref(),
-            keep_store,
-        )),
+        Command::Scan(args) => runtime.block_on(scan::run(&config, &args)),
         Command::Labels(LabelsCommand::Import { file, out }) => {
-            runtime.block_on(serve::import_labels(&settings, &file, out.as_deref()))
+            runtime.block_on(labels::import(&config, &file, out.as_deref()))
         }
         Command::Serve {
             stage,
@@ -238,9 +191,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let instance = instance
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| "0".into());
-            runtime.block_on(serve::run(&settings, stage, &paths, &instance))
+            runtime.block_on(serve::run(&config, stage, &paths, &instance))
         }
-        Command::Topics => runtime.block_on(serve::create_topics(&settings)),
+        Command::Topics => runtime.block_on(serve::create_topics(&config)),
         Command::Deid { profile: true, .. } => {
             print!("{}", fracture_ingest::deid::profile_markdown());
             Ok(())
@@ -250,39 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out: Some(out),
             key_file: Some(key_file),
             ..
-        } => {
-            let cfg: fracture_ingest::IngestConfig = settings.section("ingest")?;
-            let key = fracture_ingest::read_key(&key_file).map_err(anyhow::Error::msg)?;
-            let mut policy = cfg.policy(key)?;
-            // The export lists its refusals in DIR/dead-letter.jsonl instead.
-            policy.quarantine = None;
-            let started = std::time::Instant::now();
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} {pos} files ({per_sec}) {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            let mut bytes = 0u64;
-            let (report, _) = fracture_ingest::export::export(&paths, &out, &policy, |n| {
-                bytes += n;
-                bar.inc(1);
-                bar.set_message(format!("{:.0} MB", bytes as f64 / 1e6));
-            })?;
-            bar.finish_and_clear();
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            println!(
-                "de-identified {} files ({:.1} MB/s, {:.1} files/s), refused {} (see {}), skipped {} not DICOM",
-                report.written,
-                report.bytes as f64 / 1e6 / secs,
-                report.written as f64 / secs,
-                report.refused,
-                out.join("dead-letter.jsonl").display(),
-                report.skipped
-            );
-            Ok(())
-        }
+        } => deid::run(&config, &paths, &out, &key_file),
         Command::Deid { .. } => {
             anyhow::bail!(
                 "fracture deid needs PATH..., --out DIR and --key-file FILE (or --profile)"
@@ -294,21 +215,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bootstrap,
             seed,
             format,
-        } => {
-            use fracture_audit::evaluate;
-            let e = evaluate::evaluate(
-                &predictions,
-                &labels,
-                &evaluate::EvalOptions { bootstrap, seed },
-            )?;
-            let text = match format {
-                Format::Json => serde_json::to_string_pretty(&e)?,
-                Format::Markdown => evaluate::to_markdown(&e),
-                Format::Html => evaluate::to_html(&e),
-            };
-            println!("{text}");
-            Ok(())
-        }
+        } => evaluate::run(
+            &predictions,
+            &labels,
+            &fracture_audit::evaluate::EvalOptions { bootstrap, seed },
+            format,
+        ),
         Command::Phantoms {
             count,
             seed,

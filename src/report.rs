@@ -7,7 +7,7 @@ use fracture_audit::RegionCount;
 use fracture_models::Manifest;
 use fracture_shared::messages::{schema, Finding, RadiographId, StudySummary};
 
-use crate::scan::{DeadLetterLine, FindingLine, ScanSummary};
+use crate::results::{DeadLetterLine, FindingLine, ScanSummary};
 
 /// Longest side of an overlay thumbnail, in pixels.
 pub const THUMBNAIL_SIDE: usize = 320;
@@ -84,12 +84,7 @@ fn base64(bytes: &[u8]) -> String {
     s
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+use fracture_shared::html::escape as esc;
 
 pub fn html(
     m: &Manifest,

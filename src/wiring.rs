@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use fracture_models::{Ensemble, Manifest};
-use fracture_shared::config::{ModelConfig, Settings};
+use fracture_shared::config::ModelConfig;
 
 /// The device `[model] device` names: `cpu`; `cuda` (the first GPU) or `cuda:N`, which must be
 /// there, since a deployment that asked for a GPU would rather fail than crawl on the CPU; or
@@ -36,17 +36,14 @@ pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {
     }
 }
 
-pub fn manifest(
-    settings: &Settings,
-    over: Option<&Path>,
-) -> anyhow::Result<(ModelConfig, Manifest)> {
-    let cfg: ModelConfig = settings.section("model")?;
+/// The manifest `over` names, else the configured one.
+pub fn manifest(cfg: &ModelConfig, over: Option<&Path>) -> anyhow::Result<Manifest> {
     let path = over
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_manifest(&cfg.manifest));
     let m = fracture_models::manifest::load(&path)
         .with_context(|| format!("loading the ensemble manifest {}", path.display()))?;
-    Ok((cfg, m))
+    Ok(m)
 }
 
 /// The configured manifest; the built-in default (a relative path) is also looked for beside
@@ -66,8 +63,8 @@ fn default_manifest(configured: &str) -> std::path::PathBuf {
     .unwrap_or(p)
 }
 
-pub fn ensemble(settings: &Settings, over: Option<&Path>) -> anyhow::Result<Arc<Ensemble>> {
-    let (cfg, m) = manifest(settings, over)?;
+pub fn ensemble(cfg: &ModelConfig, over: Option<&Path>) -> anyhow::Result<Arc<Ensemble>> {
+    let m = manifest(cfg, over)?;
     let device = device(&cfg.device)?;
     tracing::info!(device = ?device, "ensemble device");
     let e = Ensemble::load(m, &device)?;

@@ -312,7 +312,7 @@ async fn until_findings(bus: &KafkaBus, topics: &Topics, n: usize, p: &Pipeline)
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let got = bus
-            .read_committed(&[topics.name("findings")])
+            .read_committed(&[topics.of::<Finding>()])
             .await
             .map(|r| r.len())
             .unwrap_or(0);
@@ -445,13 +445,13 @@ async fn a_store_outage_delays_but_loses_nothing() {
     std::fs::rename(&store, &away).unwrap();
     std::fs::write(&store, b"the claim-check store is down").unwrap();
     let during = bus
-        .read_committed(&[topics.name("findings")])
+        .read_committed(&[topics.of::<Finding>()])
         .await
         .unwrap()
         .len();
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after_outage = bus
-        .read_committed(&[topics.name("findings")])
+        .read_committed(&[topics.of::<Finding>()])
         .await
         .unwrap()
         .len();

@@ -81,7 +81,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     let out = collect(
         &bus,
         "e2e-check",
-        &[topics.name("findings"), topics.name("dead-letter")],
+        &[topics.of::<Finding>(), topics.of::<DeadLetter>()],
         want,
     )
     .await;
@@ -152,9 +152,9 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         &bus,
         "e2e-mid",
         &[
-            topics.name("deidentified"),
-            topics.name("preprocessed"),
-            topics.name("scored"),
+            topics.of::<Deidentified>(),
+            topics.of::<Preprocessed>(),
+            topics.of::<Scored>(),
         ],
         passed_ingest + 2 * inputs.good.len(),
     )

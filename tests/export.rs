@@ -1,9 +1,10 @@
-//! Export back to the hospital, end to end: five `fracture serve` processes on a real Kafka
-//! broker with `[postprocess.export]` pointing at a real Orthanc, fed radiographs with real
-//! identifiers (cat.dcm from the fixtures, and phantoms given their own patients and accession
-//! numbers). Orthanc must end with one SR and one Secondary Capture per radiograph, filed under
-//! the original patient, study and accession number and referencing the original image; a
-//! restart of postprocess and a redelivery of every finding must send nothing twice; a finding
+//! Export back to the hospital, end to end: the five `fracture serve` stages and `fracture serve
+//! export` beside them on a real Kafka broker, with `[export]` pointing at a real Orthanc, fed
+//! radiographs with real identifiers (cat.dcm from the fixtures, and phantoms given their own
+//! patients and accession numbers). Orthanc must end with one SR and one Secondary Capture per
+//! radiograph, filed under the original patient, study and accession number and referencing the
+//! original image; a restart of the export and a redelivery of every finding must send nothing
+//! twice; a finding
 //! from another edge is not exported but counted; a PACS that is down at first gets everything
 //! once it is up, even across a restart meanwhile; and no identifier reaches a log, a metric or
 //! the export ledger.
@@ -21,7 +22,7 @@ use dicom_object::InMemDicomObject;
 
 use common::orthanc::Orthanc;
 use common::pipeline::{self, sample, Pipeline};
-use fracture_postprocess::export::ledger::{Entry, Ledger, State};
+use fracture_export::ledger::{Entry, Ledger, State};
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, OutRecord, Topics};
 use fracture_shared::messages::{decode, encode, Finding};
 use fracture_shared::testkit;
@@ -121,7 +122,10 @@ fn radiographs(dir: &Path, phantoms: usize, seed: u64, cat: bool) -> Vec<Radiogr
     out
 }
 
-/// A pipeline whose postprocess exports to `orthanc`, ingesting `dir/in`.
+/// The export stage's name, as `fracture serve` and the process logs name it.
+const EXPORT: &str = "export";
+
+/// A pipeline whose export stage sends to `orthanc`, ingesting `dir/in`.
 fn pipeline_exporting_to(dir: &Path, orthanc: &Orthanc, name: &str) -> (Pipeline, String, String) {
     let key = dir.join("deid.key");
     std::fs::write(&key, [3u8; 32]).unwrap();
@@ -129,7 +133,7 @@ fn pipeline_exporting_to(dir: &Path, orthanc: &Orthanc, name: &str) -> (Pipeline
     let prefix = testkit::unique_prefix(name);
     let run = dir.join("run");
     let extra = format!(
-        "[postprocess.export]\npacs = \"{}\"\ncalling_ae_title = \"FRACTURE-TEST\"\nlinkage = \"{}\"\n\
+        "[export]\npacs = \"{}\"\ncalling_ae_title = \"FRACTURE-TEST\"\nlinkage = \"{}\"\n\
          ledger = \"{}\"\nconnect_timeout_ms = 5000\ntimeout_ms = 60000\n\
          [retry]\ncap_ms = 2000\n",
         orthanc.pacs(),
@@ -144,6 +148,24 @@ fn pipeline_exporting_to(dir: &Path, orthanc: &Orthanc, name: &str) -> (Pipeline
     )
 }
 
+/// Starts the five stages, then the export beside them.
+fn start_all(p: &mut Pipeline) {
+    p.start_all();
+    p.start(EXPORT);
+}
+
+/// The end of every stage's log and of the export's, for a failure message.
+fn logs(p: &Pipeline) -> String {
+    let export = p.log(EXPORT);
+    let tail: Vec<&str> = export.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    format!(
+        "{}\n--- export (last 40 lines)\n{}",
+        p.logs(),
+        tail.join("\n")
+    )
+}
+
 /// Waits (up to `patience`) until `done` holds, failing with `why` and the stage logs.
 async fn wait_for(
     p: &Pipeline,
@@ -153,7 +175,7 @@ async fn wait_for(
 ) {
     let deadline = Instant::now() + patience;
     while !done().await {
-        assert!(Instant::now() < deadline, "{why}\n{}", p.logs());
+        assert!(Instant::now() < deadline, "{why}\n{}", logs(p));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -331,7 +353,7 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
     let orthanc = Orthanc::new(&work.join("orthanc"));
     orthanc.start();
     let (mut p, brokers, prefix) = pipeline_exporting_to(work, &orthanc, "export");
-    p.start_all();
+    start_all(&mut p);
     let ledger = Ledger::open(&p.dir.join("export-ledger.db")).await.unwrap();
     assert_exported_once(
         &p,
@@ -341,7 +363,7 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
         &radiographs,
     )
     .await;
-    let metrics = p.metrics("postprocess");
+    let metrics = p.metrics(EXPORT);
     for kind in ["sr", "sc"] {
         let stored = sample(
             &metrics,
@@ -355,18 +377,15 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
         );
     }
 
-    // A restart of postprocess, and every finding delivered again, with one from another edge
+    // A restart of the export, and every finding delivered again, with one from another edge
     // (a radiograph this edge never ingested): nothing is sent twice, the stranger not at all.
-    p.kill("postprocess");
+    p.kill(EXPORT);
     let bus = KafkaBus::new(KafkaConfig {
         brokers: brokers.clone(),
         ..Default::default()
     });
     let topics = Topics::new(&prefix);
-    let findings = bus
-        .read_committed(&[topics.name("findings")])
-        .await
-        .unwrap();
+    let findings = bus.read_committed(&[topics.of::<Finding>()]).await.unwrap();
     assert_eq!(
         findings.len(),
         radiographs.len(),
@@ -391,7 +410,7 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
     let mut producer = bus.producer(&format!("{prefix}.redeliver")).await.unwrap();
     producer.send(again).await.unwrap();
     producer.close().await.unwrap();
-    p.start("postprocess");
+    p.start(EXPORT);
     wait_for(
         &p,
         Duration::from_secs(240),
@@ -400,15 +419,14 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
             // Each object counted as redelivered or (a failure, asserted below) sent again.
             let entries = ledger.entries().await.unwrap_or_default();
             entries.iter().all(|e| e.redeliveries >= 1 || e.sends > 1)
-                && pipeline::plain(&p.log("postprocess"))
-                    .contains("has no row in the linkage table")
+                && pipeline::plain(&p.log(EXPORT)).contains("has no row in the linkage table")
         },
     )
     .await;
     assert_filed(&orthanc, &radiographs);
     let entries = ledger.entries().await.unwrap();
     assert_sent_once(&entries, &radiographs);
-    let metrics = p.metrics("postprocess");
+    let metrics = p.metrics(EXPORT);
     for kind in ["sr", "sc"] {
         let labels = |outcome: &str| format!("kind=\"{kind}\",outcome=\"{outcome}\"");
         let m = |outcome: &str| {
@@ -435,15 +453,16 @@ async fn results_go_back_to_the_original_patient_and_study_once() {
     // ledger.
     let mut places: Vec<(String, Vec<u8>)> = pipeline::STAGES
         .iter()
+        .chain([&EXPORT])
         .map(|s| (format!("the {s} log"), p.log(s).into_bytes()))
         .collect();
-    places.push(("postprocess's metrics".into(), metrics.into_bytes()));
+    places.push(("the export's metrics".into(), metrics.into_bytes()));
     for f in ["export-ledger.db", "export-ledger.db-wal"] {
         places.push((f.into(), std::fs::read(p.dir.join(f)).unwrap_or_default()));
     }
     assert_no_identifiers(&places, &radiographs);
     let bad = p.stop();
-    assert!(bad.is_empty(), "{bad:?}\n{}", p.logs());
+    assert!(bad.is_empty(), "{bad:?}\n{}", logs(&p));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -454,7 +473,7 @@ async fn a_pacs_down_at_first_gets_every_result_once_it_is_up() {
     // Its ports are chosen, but it is not started yet.
     let orthanc = Orthanc::new(&work.join("orthanc"));
     let (mut p, brokers, prefix) = pipeline_exporting_to(work, &orthanc, "export-down");
-    p.start_all();
+    start_all(&mut p);
     let bus = KafkaBus::new(KafkaConfig {
         brokers,
         ..Default::default()
@@ -465,16 +484,16 @@ async fn a_pacs_down_at_first_gets_every_result_once_it_is_up() {
             .await;
     let findings = out
         .iter()
-        .filter(|r| r.topic == topics.name("findings"))
+        .filter(|r| r.topic == topics.of::<Finding>())
         .count();
     assert_eq!(
         findings,
         radiographs.len(),
         "the findings do not wait for the PACS\n{}",
-        p.logs()
+        logs(&p)
     );
     let retries = |p: &Pipeline| {
-        pipeline::plain(&p.log("postprocess"))
+        pipeline::plain(&p.log(EXPORT))
             .matches("cannot export to the PACS")
             .count()
     };
@@ -487,9 +506,9 @@ async fn a_pacs_down_at_first_gets_every_result_once_it_is_up() {
     .await;
 
     // Killed while the PACS is down: the export committed nothing, so the findings come again.
-    p.kill("postprocess");
+    p.kill(EXPORT);
     let before = retries(&p);
-    p.start("postprocess");
+    p.start(EXPORT);
     wait_for(
         &p,
         Duration::from_secs(120),
@@ -510,5 +529,5 @@ async fn a_pacs_down_at_first_gets_every_result_once_it_is_up() {
     )
     .await;
     let bad = p.stop();
-    assert!(bad.is_empty(), "{bad:?}\n{}", p.logs());
+    assert!(bad.is_empty(), "{bad:?}\n{}", logs(&p));
 }

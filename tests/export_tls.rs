@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
-use fracture_postprocess::export::scu::{self, Pacs, Tls};
+use fracture_export::scu::{self, Pacs, Tls};
 
 /// A small Secondary Capture image, as the exporter sends.
 fn secondary_capture(instance: &str) -> dicom_object::DefaultDicomObject {

@@ -15,7 +15,10 @@ use serde_yaml::Value;
 const KUBE_VERSION: &str = "1.31.0";
 const RELEASE: &str = "fracture";
 const NAMESPACE: &str = "radiology";
+/// The stages every release runs.
 const STAGES: [&str; 5] = ["ingest", "preprocess", "ensemble", "postprocess", "audit"];
+/// The export to the PACS: its own Deployment when `export.enabled`.
+const EXPORT: &str = "export";
 const ALL_ON: &str = "ci/all-on-values.yaml";
 
 fn repo() -> PathBuf {
@@ -124,6 +127,15 @@ impl Rendered {
             .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.label))
     }
 
+    /// The stages this rendering runs: [`STAGES`], and [`EXPORT`] when its Deployment is there.
+    fn stages(&self) -> Vec<&'static str> {
+        let export = self
+            .kind("Deployment")
+            .iter()
+            .any(|d| text(&d["metadata"]["name"]) == format!("{RELEASE}-{EXPORT}"));
+        STAGES.into_iter().chain(export.then_some(EXPORT)).collect()
+    }
+
     fn deployment(&self, stage: &str) -> &Value {
         self.get("Deployment", &format!("{RELEASE}-{stage}"))
     }
@@ -223,7 +235,8 @@ fn source(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Sections the binary reads (`settings.section("x")`, `section::<T>("x")` in src/).
+/// Sections the binary reads (`settings.section("x")`, `section::<T>("x")` in src/, and the
+/// fields of the configuration root, `root! { name: Type, ... }`).
 fn sections_read_by_binary() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for entry in std::fs::read_dir(repo().join("src")).expect("src/") {
@@ -232,6 +245,17 @@ fn sections_read_by_binary() -> BTreeSet<String> {
             continue;
         }
         let code = std::fs::read_to_string(&path).expect("read source");
+        if let Some(block) = code
+            .split("\nroot! {")
+            .nth(1)
+            .and_then(|b| b.split("\n}").next())
+        {
+            for line in block.lines().map(str::trim) {
+                if let Some((name, _)) = line.split_once(':').filter(|_| !line.starts_with("//")) {
+                    out.insert(name.trim().to_string());
+                }
+            }
+        }
         for (i, _) in code.match_indices(".section") {
             let rest = &code[i + ".section".len()..];
             let Some(open) = rest.find("(\"") else {
@@ -291,6 +315,9 @@ fn section_checks() -> BTreeMap<&'static str, SectionCheck> {
     m.insert("audit", |s| {
         let a = section::<fracture_audit::AuditConfig>(s, "audit")?;
         a.drift.validate().map_err(|e| e.to_string())
+    });
+    m.insert("export", |s| {
+        section::<fracture_export::ExportConfig>(s, "export").map(drop)
     });
     m
 }
@@ -465,13 +492,13 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
                 .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
         };
         let selected_stages = |selector: &Value| -> Vec<&str> {
-            STAGES
+            r.stages()
                 .into_iter()
                 .filter(|s| selects(selector, s))
                 .collect()
         };
 
-        for stage in STAGES {
+        for stage in r.stages() {
             let d = r.deployment(stage);
             assert_eq!(
                 selected_stages(&d["spec"]["selector"]["matchLabels"]),
@@ -604,7 +631,16 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
         }
         for sm in r.kind("ServiceMonitor") {
             let port = text(&items(&sm["spec"]["endpoints"])[0]["port"]);
-            for stage in STAGES {
+            let components: Vec<&str> = sm["spec"]["selector"]["matchExpressions"][0]["values"]
+                .as_sequence()
+                .map(|v| v.iter().map(text).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                components,
+                r.stages(),
+                "{l}: the ServiceMonitor scrapes every stage"
+            );
+            for stage in r.stages() {
                 let svc = r.get("Service", &format!("{RELEASE}-{stage}"));
                 assert!(items(&svc["spec"]["ports"])
                     .iter()
@@ -620,8 +656,13 @@ fn every_stage_is_its_own_deployment_of_one_image_with_probes_and_a_unique_insta
         let l = &r.label;
         assert_eq!(
             r.kind("Deployment").len(),
-            STAGES.len(),
+            r.stages().len(),
             "{l}: one Deployment per stage"
+        );
+        assert_eq!(
+            r.stages().contains(&EXPORT),
+            l == "all-on",
+            "{l}: the export Deployment only when export.enabled"
         );
         let tmp = tempfile::tempdir().expect("tempdir");
         let settings = r.settings(tmp.path(), &[]);
@@ -629,7 +670,7 @@ fn every_stage_is_its_own_deployment_of_one_image_with_probes_and_a_unique_insta
             settings.section("telemetry").expect("telemetry");
         let metrics_port = port_of(&telemetry.metrics_addr);
         let mut images = BTreeSet::new();
-        for stage in STAGES {
+        for stage in r.stages() {
             let c = r.container(stage);
             images.insert(text(&c["image"]).to_string());
             let args: Vec<&str> = items(&c["args"]).iter().map(text).collect();
@@ -754,7 +795,7 @@ fn fracture_toml_has_only_what_the_binary_knows_and_the_binary_loads_it() {
             check(&settings).unwrap_or_else(|e| panic!("{l}: [{name}] is refused: {e}\n{toml}"));
         }
         // Every FRACTURE__SECTION__KEY the Deployments set names a real key.
-        for stage in STAGES {
+        for stage in r.stages() {
             for e in items(&r.container(stage)["env"]) {
                 let Some(var) = text(&e["name"]).strip_prefix("FRACTURE__") else {
                     continue;
@@ -841,7 +882,7 @@ fn ingest_gets_the_key_file_writable_edge_folders_and_the_dicom_port() {
             ingest.key_file
         );
         // The key is ingest's alone.
-        for stage in STAGES.into_iter().filter(|s| *s != "ingest") {
+        for stage in r.stages().into_iter().filter(|s| *s != "ingest") {
             assert!(
                 !items(&r.pod(stage)["volumes"])
                     .iter()
@@ -936,7 +977,7 @@ fn audit_reads_the_database_url_and_dashboard_token_from_the_secret() {
             let from = &e["valueFrom"]["secretKeyRef"];
             assert_eq!(text(&from["name"]), secret_name, "{l}: {var}");
             assert_eq!(text(&from["key"]), key, "{l}: {var}");
-            for stage in STAGES.into_iter().filter(|s| *s != "audit") {
+            for stage in r.stages().into_iter().filter(|s| *s != "audit") {
                 assert!(r.env(stage, var).is_none(), "{l}: {var} is audit's alone");
             }
         }
@@ -977,7 +1018,7 @@ fn only_the_ensemble_asks_for_a_gpu_and_only_when_told_to() {
         ["requests", "limits"].map(|k| res[k]["nvidia.com/gpu"].as_i64())
     };
     let d = defaults();
-    for stage in STAGES {
+    for stage in d.stages() {
         assert_eq!(
             has_gpu(&d, stage),
             [None, None],
@@ -985,7 +1026,7 @@ fn only_the_ensemble_asks_for_a_gpu_and_only_when_told_to() {
         );
     }
     let a = all_on();
-    for stage in STAGES {
+    for stage in a.stages() {
         let want = if stage == "ensemble" {
             [Some(1), Some(1)]
         } else {
@@ -1071,7 +1112,7 @@ fn preprocess_and_ensemble_scale_on_their_consumer_lag_or_cpu() {
 #[test]
 fn every_stage_has_a_disruption_budget() {
     for r in [defaults(), all_on()] {
-        for stage in STAGES {
+        for stage in r.stages() {
             let pdb = r.get("PodDisruptionBudget", &format!("{RELEASE}-{stage}"));
             assert_eq!(
                 text(&pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]),
@@ -1162,23 +1203,29 @@ fn a_typo_in_the_values_is_refused_not_ignored() {
     );
 }
 
-/// `postprocess.export`: postprocess reads ingest's linkage tables from the edge volume and keeps
-/// its ledger there, one replica replaced (not rolled) so one process holds the ledger; without
-/// it, postprocess sees nothing of the edge. Settings that cannot work are refused by `helm`.
+/// `export`: its own Deployment (`fracture serve export`) reads ingest's linkage tables from the
+/// edge volume and keeps its ledger there, one replica replaced (not rolled) so one process holds
+/// the ledger; postprocess never sees the edge, and without `export.enabled` nothing exports.
+/// Settings that cannot work are refused by `helm`.
 #[test]
-fn postprocess_exports_to_the_pacs_from_the_edge_volume_when_asked() {
+fn the_export_runs_at_the_edge_volume_in_its_own_deployment_when_asked() {
     const EDGE: &str = "/var/lib/fracture/edge";
     let d = defaults();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pp: fracture_postprocess::PostprocessConfig = d
-        .settings(tmp.path(), &[])
-        .section("postprocess")
-        .expect("postprocess");
-    assert!(pp.export.is_none(), "defaults: no export");
     assert!(
-        d.mount_of("postprocess", EDGE).is_none(),
-        "defaults: postprocess does not mount the edge volume"
+        !d.toml().contains("[export]"),
+        "defaults: no [export] section\n{}",
+        d.toml()
     );
+    assert!(
+        !d.stages().contains(&EXPORT),
+        "defaults: no export Deployment"
+    );
+    let export: fracture_export::ExportConfig = d
+        .settings(tmp.path(), &[])
+        .section("export")
+        .expect("export");
+    assert!(export.pacs.is_empty(), "defaults: no PACS");
 
     for r in [
         all_on(),
@@ -1186,24 +1233,29 @@ fn postprocess_exports_to_the_pacs_from_the_edge_volume_when_asked() {
             "export on",
             &[
                 "--set",
-                "postprocess.export.enabled=true",
+                "export.enabled=true",
                 "--set",
-                "postprocess.export.pacs=PACS@pacs.hospital.local:104",
+                "export.pacs=PACS@pacs.hospital.local:104",
             ],
         ),
     ] {
         let l = &r.label;
         let tmp = tempfile::tempdir().expect("tempdir");
-        let pp: fracture_postprocess::PostprocessConfig = r
+        let export: fracture_export::ExportConfig = r
             .settings(tmp.path(), &[])
-            .section("postprocess")
-            .expect("postprocess");
-        let export = pp
-            .export
-            .unwrap_or_else(|| panic!("{l}: [postprocess.export] written"));
+            .section("export")
+            .expect("export");
         export
             .validate()
             .unwrap_or_else(|e| panic!("{l}: the rendered export settings are refused: {e}"));
+        let args: Vec<&str> = items(&r.container(EXPORT)["args"])
+            .iter()
+            .map(text)
+            .collect();
+        assert!(
+            args.ends_with(&["serve", EXPORT]),
+            "{l}: the export runs `serve export`: {args:?}"
+        );
         // The linkage folder is the one every ingest pod writes its own table into.
         let ingest_linkage = text(
             &r.env("ingest", "FRACTURE__INGEST__LINKAGE")
@@ -1213,53 +1265,75 @@ fn postprocess_exports_to_the_pacs_from_the_edge_volume_when_asked() {
         assert_eq!(
             Path::new(&ingest_linkage).parent(),
             Some(Path::new(&export.linkage)),
-            "{l}: postprocess reads the folder ingest writes"
+            "{l}: the export reads the folder ingest writes"
         );
         let (_, _, theirs) = r.mount_of("ingest", &ingest_linkage).expect("ingest edge");
         let (_, _, ours) = r
-            .mount_of("postprocess", &export.linkage)
-            .unwrap_or_else(|| panic!("{l}: postprocess does not mount {}", export.linkage));
+            .mount_of(EXPORT, &export.linkage)
+            .unwrap_or_else(|| panic!("{l}: the export does not mount {}", export.linkage));
         assert_eq!(
             ours["persistentVolumeClaim"], theirs["persistentVolumeClaim"],
             "{l}: the same edge claim"
         );
         assert!(!ours["persistentVolumeClaim"].is_null(), "{l}: persistent");
-        r.assert_writable("postprocess", &export.ledger, "the export ledger");
+        r.assert_writable(EXPORT, &export.ledger, "the export ledger");
+        let deployment = r.deployment(EXPORT);
         assert_eq!(
-            text(&r.deployment("postprocess")["spec"]["strategy"]["type"]),
+            text(&deployment["spec"]["strategy"]["type"]),
             "Recreate",
             "{l}: one process holds the ledger at a time"
+        );
+        assert_eq!(
+            int(&deployment["spec"]["replicas"]),
+            1,
+            "{l}: one export replica"
+        );
+        // Only the edge components see the edge: postprocess is an ordinary stage again.
+        for stage in ["preprocess", "ensemble", "postprocess", "audit"] {
+            assert!(
+                r.mount_of(stage, EDGE).is_none(),
+                "{l}: {stage} does not mount the edge volume"
+            );
+        }
+        assert!(
+            !r.toml().contains("[postprocess.export]"),
+            "{l}: the export's settings are [export]"
         );
     }
 
     for (set, says) in [
-        (
-            vec!["postprocess.export.enabled=true"],
-            "postprocess.export.pacs",
-        ),
+        (vec!["export.enabled=true"], "export.pacs"),
         (
             vec![
-                "postprocess.export.enabled=true",
-                "postprocess.export.pacs=P@h:104",
-                "stages.postprocess.replicas=2",
+                "export.enabled=true",
+                "export.pacs=P@h:104",
+                "stages.export.replicas=2",
             ],
-            "one postprocess replica",
+            "one export replica",
         ),
         (
             vec![
-                "postprocess.export.enabled=true",
-                "postprocess.export.pacs=P@h:104",
+                "export.enabled=true",
+                "export.pacs=P@h:104",
                 "ingest.edge.persistence.accessModes={ReadWriteOnce}",
             ],
             "ReadWriteMany",
         ),
         (
             vec![
-                "postprocess.export.enabled=true",
-                "postprocess.export.pacs=P@h:104",
+                "export.enabled=true",
+                "export.pacs=P@h:104",
                 "ingest.edge.persistence.enabled=false",
             ],
             "ingest.edge.persistence.enabled",
+        ),
+        // A key the chart does not have (the export is not under postprocess) is refused.
+        (
+            vec![
+                "postprocess.export.enabled=true",
+                "postprocess.export.pacs=P@h:104",
+            ],
+            "postprocess",
         ),
     ] {
         let mut cmd = Command::new(helm());
@@ -1285,9 +1359,7 @@ fn dicom_tls_certificates_come_from_their_secrets_in_the_pods_that_use_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let settings = r.settings(tmp.path(), &[]);
     let ingest: fracture_ingest::IngestConfig = settings.section("ingest").expect("ingest");
-    let pp: fracture_postprocess::PostprocessConfig =
-        settings.section("postprocess").expect("postprocess");
-    let export = pp.export.expect("all-on exports");
+    let export: fracture_export::ExportConfig = settings.section("export").expect("export");
     assert!(export.tls, "all-on: TLS to the PACS");
     let files = [
         (
@@ -1309,19 +1381,19 @@ fn dicom_tls_certificates_come_from_their_secrets_in_the_pods_that_use_them() {
             "ca.crt",
         ),
         (
-            "postprocess",
+            EXPORT,
             export.tls_ca_file.as_str(),
             "fracture-pacs-tls",
             "ca.crt",
         ),
         (
-            "postprocess",
+            EXPORT,
             export.tls_cert_file.as_str(),
             "fracture-pacs-tls",
             "tls.crt",
         ),
         (
-            "postprocess",
+            EXPORT,
             export.tls_key_file.as_str(),
             "fracture-pacs-tls",
             "tls.key",
@@ -1340,7 +1412,7 @@ fn dicom_tls_certificates_come_from_their_secrets_in_the_pods_that_use_them() {
             Path::new(key),
             "{stage}: {file} is the Secret's {key}"
         );
-        for other in STAGES.into_iter().filter(|s| *s != stage) {
+        for other in r.stages().into_iter().filter(|s| *s != stage) {
             assert!(
                 !items(&r.pod(other)["volumes"])
                     .iter()

@@ -3,7 +3,8 @@
 //! This follows fyu/drn `drn.py` block for block: `BasicBlock`, `_make_layer`,
 //! `_make_conv_layers`, arch C (a residual stem, residual-free dilated tail blocks) and arch D
 //! (plain convolution stem and tail). Output stride is 8: layers 5 and 6 dilate instead of
-//! striding. BatchNorm runs in inference mode on its running statistics.
+//! striding. BatchNorm runs in inference mode on its running statistics. The stages are one table
+//! ([`DrnConfig::stages`]) that the builder walks and the parameter and multiply-add counts walk.
 //!
 //! Tensor names are PyTorch's `state_dict` names, so a model exported from `drn.py` loads as is
 //! (its `*.num_batches_tracked` entries are ignored):
@@ -27,6 +28,7 @@ use candle_nn::{batch_norm, conv2d, conv2d_no_bias, BatchNorm, Conv2d, Conv2dCon
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use Unit::{Conv, NoShortcut, Residual};
 
 mod conv;
 
@@ -58,6 +60,86 @@ impl Arch {
     fn is_c(self) -> bool {
         matches!(self, Arch::DrnC26 | Arch::DrnC42)
     }
+
+    /// The stem's convolution and BatchNorm: `conv1` and `bn1` in arch C, `layer0.0` and
+    /// `layer0.1` (a `Sequential`) in arch D.
+    fn stem_names(self) -> (&'static str, &'static str) {
+        if self.is_c() {
+            ("conv1", "bn1")
+        } else {
+            ("layer0.0", "layer0.1")
+        }
+    }
+
+    /// `layer1` to `layer8` as `drn.py`'s `DRN.__init__` declares them: (unit, stride of the
+    /// first unit, dilation, new_level).
+    fn layout(self) -> &'static [(Unit, usize, usize, bool); 8] {
+        if self.is_c() {
+            &ARCH_C
+        } else {
+            &ARCH_D
+        }
+    }
+}
+
+/// What the units of a stage are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// `BasicBlock` (`_make_layer`): two 3x3 convolutions and the shortcut, a 1x1 projection on
+    /// the block that changes the shape.
+    Residual,
+    /// `BasicBlock` without the shortcut (`_make_layer(residual=False)`): arch C's tail, which
+    /// must not re-add the gridding artefacts of the dilated layers.
+    NoShortcut,
+    /// One 3x3 convolution, BatchNorm and ReLU (`_make_conv_layers`): arch D's first two and last
+    /// two stages.
+    Conv,
+}
+
+// The trunk after the stem, as drn.py declares it. Output stride 8: layers 2 to 4 halve the size,
+// layers 5 and 6 dilate instead of striding. `new_level` starts a stage's first block at half the
+// dilation; as no dilated stage sets it, it is kept only to read like drn.py.
+#[rustfmt::skip]
+const ARCH_C: [(Unit, usize, usize, bool); 8] = [
+    // unit      stride dilation new_level
+    (Residual,   1,     1,       true),  // layer1
+    (Residual,   2,     1,       true),  // layer2
+    (Residual,   2,     1,       true),  // layer3
+    (Residual,   2,     1,       true),  // layer4
+    (Residual,   1,     2,       false), // layer5
+    (Residual,   1,     4,       false), // layer6
+    (NoShortcut, 1,     2,       false), // layer7
+    (NoShortcut, 1,     1,       false), // layer8
+];
+
+#[rustfmt::skip]
+const ARCH_D: [(Unit, usize, usize, bool); 8] = [
+    // unit      stride dilation new_level
+    (Conv,       1,     1,       true),  // layer1
+    (Conv,       2,     1,       true),  // layer2
+    (Residual,   2,     1,       true),  // layer3
+    (Residual,   2,     1,       true),  // layer4
+    (Residual,   1,     2,       false), // layer5
+    (Residual,   1,     4,       false), // layer6
+    (Conv,       1,     2,       false), // layer7
+    (Conv,       1,     1,       false), // layer8
+];
+
+/// The stem: one 7x7 convolution (padding 3, stride 1) to `channels[0]`, BatchNorm and ReLU.
+const STEM_KERNEL: usize = 7;
+
+/// One stage of the trunk: `repeats` units of `channels` outputs, the first striding by `stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageSpec {
+    /// `K` of `layerK`, the stage's tensor-name prefix.
+    pub layer: usize,
+    pub unit: Unit,
+    pub channels: usize,
+    /// Blocks or convolutions ([`Arch::layers`]).
+    pub repeats: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub new_level: bool,
 }
 
 /// How the final features become one vector for the classifier.
@@ -117,6 +199,30 @@ impl DrnConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The trunk after the stem, the one description of it: [`Drn::new`] builds these stages,
+    /// [`count_parameters`] and [`multiply_adds`] count them. A stage without units is left out.
+    pub fn stages(&self) -> Vec<StageSpec> {
+        self.arch
+            .layout()
+            .iter()
+            .zip(self.channels)
+            .zip(self.arch.layers())
+            .enumerate()
+            .filter(|(_, (_, repeats))| *repeats > 0)
+            .map(
+                |(i, ((&(unit, stride, dilation, new_level), channels), repeats))| StageSpec {
+                    layer: i + 1,
+                    unit,
+                    channels,
+                    repeats,
+                    stride,
+                    dilation,
+                    new_level,
+                },
+            )
+            .collect()
     }
 }
 
@@ -373,19 +479,10 @@ impl Stage {
     }
 }
 
-/// `_make_layer`: residual blocks; the first may stride and gets a 1x1 projection shortcut when
-/// the shape changes.
-#[allow(clippy::too_many_arguments)]
-fn make_layer(
-    inplanes: &mut usize,
-    planes: usize,
-    blocks: usize,
-    stride: usize,
-    dilation: usize,
-    new_level: bool,
-    residual: bool,
-    vb: VarBuilder,
-) -> candle_core::Result<Stage> {
+/// `_make_layer`: basic blocks; the first may stride, and with a shortcut gets a 1x1 projection
+/// when the shape changes.
+fn make_layer(inplanes: &mut usize, s: &StageSpec, vb: VarBuilder) -> candle_core::Result<Stage> {
+    let (planes, stride, dilation) = (s.channels, s.stride, s.dilation);
     let downsample = if stride != 1 || *inplanes != planes {
         let cfg = Conv2dConfig {
             stride,
@@ -400,22 +497,22 @@ fn make_layer(
     };
     let first_dilation = if dilation == 1 {
         (1, 1)
-    } else if new_level {
+    } else if s.new_level {
         (dilation / 2, dilation)
     } else {
         (dilation, dilation)
     };
-    let mut out = Vec::with_capacity(blocks);
+    let mut out = Vec::with_capacity(s.repeats);
     let mut downsample = downsample;
-    for i in 0..blocks {
+    for i in 0..s.repeats {
         let vb = vb.pp(i.to_string());
-        let (inp, s, (d0, d1)) = if i == 0 {
+        let (inp, stride, (d0, d1)) = if i == 0 {
             (*inplanes, stride, first_dilation)
         } else {
             (planes, 1, (dilation, dilation))
         };
         let conv1 = ConvBn::new(
-            conv3x3(inp, planes, s, d0, vb.pp("conv1"))?,
+            conv3x3(inp, planes, stride, d0, vb.pp("conv1"))?,
             bn(planes, vb.pp("bn1"))?,
         );
         let conv2 = ConvBn::new(
@@ -426,7 +523,7 @@ fn make_layer(
             conv1,
             conv2,
             downsample: downsample.take(),
-            residual,
+            residual: s.unit == Residual,
         });
         *inplanes = planes;
     }
@@ -436,20 +533,23 @@ fn make_layer(
 /// `_make_conv_layers`: plain 3x3 convolutions, the first one striding.
 fn make_conv_layers(
     inplanes: &mut usize,
-    channels: usize,
-    convs: usize,
-    stride: usize,
-    dilation: usize,
+    s: &StageSpec,
     vb: VarBuilder,
 ) -> candle_core::Result<Stage> {
-    let mut out = Vec::with_capacity(convs);
-    for i in 0..convs {
-        let s = if i == 0 { stride } else { 1 };
+    let mut out = Vec::with_capacity(s.repeats);
+    for i in 0..s.repeats {
+        let stride = if i == 0 { s.stride } else { 1 };
         out.push(ConvBn::new(
-            conv3x3(*inplanes, channels, s, dilation, vb.pp((3 * i).to_string()))?,
-            bn(channels, vb.pp((3 * i + 1).to_string()))?,
+            conv3x3(
+                *inplanes,
+                s.channels,
+                stride,
+                s.dilation,
+                vb.pp((3 * i).to_string()),
+            )?,
+            bn(s.channels, vb.pp((3 * i + 1).to_string()))?,
         ));
-        *inplanes = channels;
+        *inplanes = s.channels;
     }
     Ok(Stage::Convs(out))
 }
@@ -472,127 +572,27 @@ impl Drn {
     }
 
     fn build(cfg: &DrnConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let ch = cfg.channels;
-        let layers = cfg.arch.layers();
+        let c0 = cfg.channels[0];
         let stem_cfg = Conv2dConfig {
-            padding: 3,
+            padding: STEM_KERNEL / 2,
             ..Default::default()
         };
-        let (conv_name, bn_name) = if cfg.arch.is_c() {
-            ("conv1", "bn1")
-        } else {
-            ("layer0.0", "layer0.1")
-        };
+        let (conv_name, bn_name) = cfg.arch.stem_names();
         let stem = ConvBn::new(
-            conv2d_no_bias(cfg.in_channels, ch[0], 7, stem_cfg, vb.pp(conv_name))?,
-            bn(ch[0], vb.pp(bn_name))?,
+            conv2d_no_bias(cfg.in_channels, c0, STEM_KERNEL, stem_cfg, vb.pp(conv_name))?,
+            bn(c0, vb.pp(bn_name))?,
         );
 
-        let mut inplanes = ch[0];
-        let ip = &mut inplanes;
-        let layer = |k: usize| vb.pp(format!("layer{k}"));
+        let mut inplanes = c0;
         let mut stages = Vec::with_capacity(8);
-        if cfg.arch.is_c() {
-            stages.push(make_layer(
-                ip,
-                ch[0],
-                layers[0],
-                1,
-                1,
-                true,
-                true,
-                layer(1),
-            )?);
-            stages.push(make_layer(
-                ip,
-                ch[1],
-                layers[1],
-                2,
-                1,
-                true,
-                true,
-                layer(2),
-            )?);
-        } else {
-            stages.push(make_conv_layers(ip, ch[0], layers[0], 1, 1, layer(1))?);
-            stages.push(make_conv_layers(ip, ch[1], layers[1], 2, 1, layer(2))?);
+        for s in cfg.stages() {
+            let vb = vb.pp(format!("layer{}", s.layer));
+            stages.push(match s.unit {
+                Residual | NoShortcut => make_layer(&mut inplanes, &s, vb)?,
+                Conv => make_conv_layers(&mut inplanes, &s, vb)?,
+            });
         }
-        stages.push(make_layer(
-            ip,
-            ch[2],
-            layers[2],
-            2,
-            1,
-            true,
-            true,
-            layer(3),
-        )?);
-        stages.push(make_layer(
-            ip,
-            ch[3],
-            layers[3],
-            2,
-            1,
-            true,
-            true,
-            layer(4),
-        )?);
-        stages.push(make_layer(
-            ip,
-            ch[4],
-            layers[4],
-            1,
-            2,
-            false,
-            true,
-            layer(5),
-        )?);
-        if layers[5] > 0 {
-            stages.push(make_layer(
-                ip,
-                ch[5],
-                layers[5],
-                1,
-                4,
-                false,
-                true,
-                layer(6),
-            )?);
-        }
-        if cfg.arch.is_c() {
-            if layers[6] > 0 {
-                stages.push(make_layer(
-                    ip,
-                    ch[6],
-                    layers[6],
-                    1,
-                    2,
-                    false,
-                    false,
-                    layer(7),
-                )?);
-            }
-            if layers[7] > 0 {
-                stages.push(make_layer(
-                    ip,
-                    ch[7],
-                    layers[7],
-                    1,
-                    1,
-                    false,
-                    false,
-                    layer(8),
-                )?);
-            }
-        } else {
-            if layers[6] > 0 {
-                stages.push(make_conv_layers(ip, ch[6], layers[6], 1, 2, layer(7))?);
-            }
-            if layers[7] > 0 {
-                stages.push(make_conv_layers(ip, ch[7], layers[7], 1, 1, layer(8))?);
-            }
-        }
-        let out_dim = *ip;
+        let out_dim = inplanes;
 
         let head = |name: &str, inp: usize| conv2d(inp, 1, 1, Conv2dConfig::default(), vb.pp(name));
         let attention = cfg
@@ -831,8 +831,8 @@ pub fn multiply_adds(cfg: &DrnConfig, input_size: usize) -> u64 {
     tally(cfg, input_size).macs
 }
 
-/// A walk over the architecture that mirrors [`Drn::build`] and counts instead of allocating;
-/// a test keeps the two in step.
+/// A walk over [`DrnConfig::stages`] that counts instead of allocating; the units' insides
+/// mirror [`make_layer`] and [`make_conv_layers`], and a test keeps them in step.
 struct Tally {
     params: u64,
     macs: u64,
@@ -853,7 +853,8 @@ impl Tally {
         self.params += 2 * c as u64;
     }
 
-    fn layer(&mut self, inplanes: &mut usize, planes: usize, blocks: usize, stride: usize) {
+    fn layer(&mut self, inplanes: &mut usize, s: &StageSpec) {
+        let (planes, blocks, stride) = (s.channels, s.repeats, s.stride);
         if stride != 1 || *inplanes != planes {
             let side = self.side;
             self.conv(*inplanes, planes, 1, stride, false);
@@ -874,7 +875,8 @@ impl Tally {
         }
     }
 
-    fn conv_layers(&mut self, inplanes: &mut usize, channels: usize, convs: usize, stride: usize) {
+    fn conv_layers(&mut self, inplanes: &mut usize, s: &StageSpec) {
+        let (channels, convs, stride) = (s.channels, s.repeats, s.stride);
         for i in 0..convs {
             self.conv(
                 *inplanes,
@@ -890,33 +892,20 @@ impl Tally {
 }
 
 fn tally(cfg: &DrnConfig, input_size: usize) -> Tally {
-    let ch = cfg.channels;
-    let l = cfg.arch.layers();
+    let c0 = cfg.channels[0];
     let mut t = Tally {
         params: 0,
         macs: 0,
         side: input_size.max(1) as u64,
     };
-    t.conv(cfg.in_channels, ch[0], 7, 1, false);
-    t.bn(ch[0]);
-    let mut ip = ch[0];
-    if cfg.arch.is_c() {
-        t.layer(&mut ip, ch[0], l[0], 1);
-        t.layer(&mut ip, ch[1], l[1], 2);
-    } else {
-        t.conv_layers(&mut ip, ch[0], l[0], 1);
-        t.conv_layers(&mut ip, ch[1], l[1], 2);
-    }
-    t.layer(&mut ip, ch[2], l[2], 2);
-    t.layer(&mut ip, ch[3], l[3], 2);
-    t.layer(&mut ip, ch[4], l[4], 1);
-    t.layer(&mut ip, ch[5], l[5], 1);
-    if cfg.arch.is_c() {
-        t.layer(&mut ip, ch[6], l[6], 1);
-        t.layer(&mut ip, ch[7], l[7], 1);
-    } else {
-        t.conv_layers(&mut ip, ch[6], l[6], 1);
-        t.conv_layers(&mut ip, ch[7], l[7], 1);
+    t.conv(cfg.in_channels, c0, STEM_KERNEL, 1, false);
+    t.bn(c0);
+    let mut ip = c0;
+    for s in cfg.stages() {
+        match s.unit {
+            Residual | NoShortcut => t.layer(&mut ip, &s),
+            Conv => t.conv_layers(&mut ip, &s),
+        }
     }
     let side = t.side;
     if cfg.attention {
@@ -1032,6 +1021,21 @@ mod tests {
         let d22 = multiply_adds(&DrnConfig::new(Arch::DrnD22, 1), 1024) as f64 / 1e9;
         assert!((c26 - 353.0).abs() / 353.0 < 0.01, "DRN-C-26: {c26} G");
         assert!((d22 - 271.0).abs() / 271.0 < 0.01, "DRN-D-22: {d22} G");
+    }
+
+    /// `fracture model summary` prints these; the shipped weights were made for these shapes.
+    #[test]
+    fn the_reference_networks_have_their_exact_counts() {
+        for (arch, params, macs_1024) in [
+            (Arch::DrnC26, 20_612_529, 353_009_402_368),
+            (Arch::DrnC42, 30_720_689, 522_123_739_648),
+            (Arch::DrnD22, 15_879_697, 270_733_935_104),
+            (Arch::DrnD38, 25_987_857, 439_848_272_384),
+        ] {
+            let cfg = DrnConfig::new(arch, 1);
+            assert_eq!(count_parameters(&cfg), params, "{arch:?}");
+            assert_eq!(multiply_adds(&cfg, 1024), macs_1024, "{arch:?}");
+        }
     }
 
     #[test]

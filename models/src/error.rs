@@ -17,9 +17,12 @@ pub enum ModelError {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
-    /// The manifest could not be read, parsed or validated.
+    /// The manifest could not be parsed or validated.
     #[error("model manifest {path}: {reason}")]
-    Manifest { path: PathBuf, reason: String },
+    Manifest {
+        path: PathBuf,
+        reason: crate::manifest::ManifestError,
+    },
 
     /// A file the ensemble needs could not be read or written.
     #[error("{path}: {source}")]

@@ -181,6 +181,54 @@ struct RawTransform {
     lcn_sigma: Option<f32>,
 }
 
+/// What is wrong with a manifest's text; [`ModelError::Manifest`] adds the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("model_version is empty; every finding records it, so set one")]
+    EmptyModelVersion,
+    #[error("input_size {0} must be a positive multiple of 8 (the networks' output stride)")]
+    InputSize(usize),
+    #[error(
+        "[transform] size {size} differs from input_size {input_size}; the transform must \
+         produce the input the networks were trained on: remove size from [transform] or make \
+         them equal"
+    )]
+    TransformSize { size: usize, input_size: usize },
+    #[error("[transform]: {0}")]
+    Transform(Box<ModelError>),
+    /// `key` is `default_score`, `default_map`, or `score.REGION` / `map.REGION`.
+    #[error("thresholds.{key} = {value} is not a probability in [0, 1]")]
+    Threshold { key: String, value: f32 },
+    #[error(
+        "null_model = true is for benchmarks only: it must say trained = false and have no \
+         [[members]]"
+    )]
+    NullModelWithMembers,
+    #[error("no [[members]]: an ensemble needs at least one network")]
+    NoMembers,
+    #[error("two members are named {0:?}; names must be unique")]
+    DuplicateMember(String),
+    #[error(
+        "member {member}: sha256 {sha256:?} is not 64 hex digits; compute it with \
+         `sha256sum {}`",
+        weights.display()
+    )]
+    Sha256 {
+        member: String,
+        sha256: String,
+        weights: PathBuf,
+    },
+    #[error("member {0}: weights path is empty")]
+    EmptyWeightsPath(String),
+    #[error("member {member}: {error}")]
+    Member {
+        member: String,
+        error: Box<ModelError>,
+    },
+}
+
 /// Reads and validates a manifest; its folder becomes [`Manifest::dir`].
 pub fn load(path: &Path) -> Result<Manifest, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
@@ -200,11 +248,11 @@ pub fn load(path: &Path) -> Result<Manifest, ModelError> {
 impl Manifest {
     /// Parses and validates manifest text; weight paths resolve against `dir`.
     pub fn from_toml(text: &str, dir: PathBuf) -> Result<Manifest, ModelError> {
-        let invalid = |reason: String| ModelError::Manifest {
+        let invalid = |reason: ManifestError| ModelError::Manifest {
             path: PathBuf::from("<text>"),
             reason,
         };
-        let raw: RawManifest = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let raw: RawManifest = toml::from_str(text).map_err(|e| invalid(e.into()))?;
         let defaults = TransformConfig::default();
         let transform = TransformConfig {
             size: raw.transform.size.unwrap_or(raw.input_size),
@@ -231,84 +279,72 @@ impl Manifest {
         Ok(manifest)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ManifestError> {
         if self.model_version.trim().is_empty() {
-            return Err("model_version is empty; every finding records it, so set one".into());
+            return Err(ManifestError::EmptyModelVersion);
         }
         if self.input_size == 0 || !self.input_size.is_multiple_of(8) {
-            return Err(format!(
-                "input_size {} must be a positive multiple of 8 (the networks' output stride)",
-                self.input_size
-            ));
+            return Err(ManifestError::InputSize(self.input_size));
         }
         if self.transform.size != self.input_size {
-            return Err(format!(
-                "[transform] size {} differs from input_size {}; the transform must produce \
-                 the input the networks were trained on: remove size from [transform] or make \
-                 them equal",
-                self.transform.size, self.input_size
-            ));
+            return Err(ManifestError::TransformSize {
+                size: self.transform.size,
+                input_size: self.input_size,
+            });
         }
         self.transform
             .validate()
-            .map_err(|e| format!("[transform]: {e}"))?;
+            .map_err(|e| ManifestError::Transform(Box::new(e)))?;
 
         let t = &self.thresholds;
         let in_unit = |v: f32| (0.0..=1.0).contains(&v);
+        let out_of_unit = |key: String, value: f32| ManifestError::Threshold { key, value };
         for (what, v) in [
             ("default_score", t.default_score),
             ("default_map", t.default_map),
         ] {
             if !in_unit(v) {
-                return Err(format!(
-                    "thresholds.{what} = {v} is not a probability in [0, 1]"
-                ));
+                return Err(out_of_unit(what.into(), v));
             }
         }
         for (table, map) in [("score", &t.score), ("map", &t.map)] {
             for (region, &v) in map {
                 if !in_unit(v) {
-                    return Err(format!(
-                        "thresholds.{table}.{region} = {v} is not a probability in [0, 1]"
-                    ));
+                    return Err(out_of_unit(format!("{table}.{region}"), v));
                 }
             }
         }
 
         if self.null_model {
             if self.trained || !self.members.is_empty() {
-                return Err("null_model = true is for benchmarks only: it must say \
-                            trained = false and have no [[members]]"
-                    .into());
+                return Err(ManifestError::NullModelWithMembers);
             }
             return Ok(());
         }
         if self.members.is_empty() {
-            return Err("no [[members]]: an ensemble needs at least one network".into());
+            return Err(ManifestError::NoMembers);
         }
         let mut names = HashSet::new();
         for m in &self.members {
             if !names.insert(m.name.as_str()) {
-                return Err(format!(
-                    "two members are named {:?}; names must be unique",
-                    m.name
-                ));
+                return Err(ManifestError::DuplicateMember(m.name.clone()));
             }
             if m.sha256.len() != 64 || !m.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "member {}: sha256 {:?} is not 64 hex digits; compute it with \
-                     `sha256sum {}`",
-                    m.name,
-                    m.sha256,
-                    m.weights.display()
-                ));
+                return Err(ManifestError::Sha256 {
+                    member: m.name.clone(),
+                    sha256: m.sha256.clone(),
+                    weights: m.weights.clone(),
+                });
             }
             if m.weights.as_os_str().is_empty() {
-                return Err(format!("member {}: weights path is empty", m.name));
+                return Err(ManifestError::EmptyWeightsPath(m.name.clone()));
             }
             m.drn_config()
                 .validate()
-                .map_err(|e| format!("member {}: {e}", m.name))?;
+                .map_err(|e| ManifestError::Member {
+                    member: m.name.clone(),
+                    error: Box::new(e),
+                })?;
         }
         Ok(())
     }

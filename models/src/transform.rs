@@ -92,10 +92,56 @@ impl Transformed {
         data
     }
 
+    /// Where the model input sits in the original: the mapping [`Placement`] computes with.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            crop: self.crop,
+            scale: self.scale,
+            size: self.size,
+        }
+    }
+
+    /// [`Placement::to_model`]; training uses it for annotation boxes.
+    pub fn to_model(&self, x: f64, y: f64) -> (f64, f64) {
+        self.placement().to_model(x, y)
+    }
+
+    /// [`Placement::to_original`].
+    pub fn to_original(&self, x: f64, y: f64) -> (f64, f64) {
+        self.placement().to_original(x, y)
+    }
+
+    /// [`Placement::box_to_model`].
+    pub fn box_to_model(&self, b: [f64; 4]) -> [f64; 4] {
+        self.placement().box_to_model(b)
+    }
+
+    /// [`Placement::box_to_original`].
+    pub fn box_to_original(&self, b: [f64; 4]) -> [f64; 4] {
+        self.placement().box_to_original(b)
+    }
+}
+
+/// Where the model input sits in the original image: the kept crop and the resize factor.
+///
+/// The one mapping between model-input and original pixels: training maps annotation boxes in
+/// with it, and [`crate::boxes`] maps the probability map's boxes out with it. The pipeline's
+/// messages carry the same numbers (`fracture_shared::messages::Geometry`).
+///
+/// Coordinates are continuous, pixel `i` covering `[i, i + 1)` on both sides, so a box's
+/// exclusive far corner maps like any other point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// The kept part of the original: `[x0, y0, x1, y1]`, x0/y0 inclusive, x1/y1 exclusive.
+    pub crop: [u32; 4],
+    /// Model pixels per original pixel: original `x = crop[0] + model_x / scale`.
+    pub scale: f64,
+    /// Side of the square model input.
+    pub size: usize,
+}
+
+impl Placement {
     /// Where the original point `(x, y)` lands in the model input, clamped to the resized image.
-    ///
-    /// Coordinates are continuous, pixel `i` covering `[i, i + 1)` on both sides, so a box's
-    /// exclusive far corner maps like any other point. Training uses this for annotation boxes.
     pub fn to_model(&self, x: f64, y: f64) -> (f64, f64) {
         let [x0, y0, x1, y1] = self.crop.map(f64::from);
         (
@@ -104,8 +150,7 @@ impl Transformed {
         )
     }
 
-    /// The inverse of [`Transformed::to_model`], clamped to the crop; the same mapping as
-    /// `fracture_shared::messages::Geometry::to_original`, which serving uses.
+    /// The inverse of [`Placement::to_model`], clamped to the crop.
     pub fn to_original(&self, x: f64, y: f64) -> (f64, f64) {
         let [x0, y0, x1, y1] = self.crop.map(f64::from);
         (
@@ -114,14 +159,14 @@ impl Transformed {
         )
     }
 
-    /// [`Transformed::to_model`] for a box `[x0, y0, x1, y1]`.
+    /// [`Placement::to_model`] for a box `[x0, y0, x1, y1]`.
     pub fn box_to_model(&self, b: [f64; 4]) -> [f64; 4] {
         let (x0, y0) = self.to_model(b[0], b[1]);
         let (x1, y1) = self.to_model(b[2], b[3]);
         [x0, y0, x1, y1]
     }
 
-    /// [`Transformed::to_original`] for a box `[x0, y0, x1, y1]`.
+    /// [`Placement::to_original`] for a box `[x0, y0, x1, y1]`.
     pub fn box_to_original(&self, b: [f64; 4]) -> [f64; 4] {
         let (x0, y0) = self.to_original(b[0], b[1]);
         let (x1, y1) = self.to_original(b[2], b[3]);

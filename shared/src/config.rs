@@ -20,7 +20,7 @@ pub struct Settings {
 impl Settings {
     /// Loads `file` (or `./fracture.toml` when it exists and no file is given), the environment
     /// (`FRACTURE__KAFKA__BROKERS=...` sets `kafka.brokers`), then `overrides` (`key=value` pairs
-    /// from the command line, e.g. `ensemble.batch_size=8`), each layer over the one before.
+    /// from the command line, e.g. `ensemble.batch.max=8`), each layer over the one before.
     pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
         let mut b = config::Config::builder();
         match file {
@@ -69,6 +69,35 @@ impl Settings {
         })
     }
 
+    /// Refuses a top-level section that is not in `known`, naming the nearest known one, so a
+    /// misspelled section is not silently replaced by its defaults.
+    pub fn refuse_unknown_sections(&self, known: &[&str]) -> Result<(), ConfigError> {
+        let top = self
+            .merged
+            .clone()
+            .try_deserialize::<std::collections::HashMap<String, serde::de::IgnoredAny>>()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let mut names: Vec<&String> = top.keys().collect();
+        names.sort();
+        for name in names {
+            if known.contains(&name.as_str()) {
+                continue;
+            }
+            let near = known
+                .iter()
+                .map(|k| (edit_distance(k, name), *k))
+                .min()
+                .filter(|(d, _)| *d <= 2)
+                .map(|(_, k)| format!("; did you mean [{k}]?"))
+                .unwrap_or_default();
+            return Err(ConfigError(format!(
+                "unknown section [{name}]{near} (the sections are {})",
+                known.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads one section into its struct; a missing section gives the struct's defaults, and an
     /// unknown key is refused (the struct says `deny_unknown_fields`), so a typo is not ignored.
     pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {
@@ -78,6 +107,22 @@ impl Settings {
             Err(e) => Err(ConfigError(format!("[{name}]: {e}"))),
         }
     }
+}
+
+/// Levenshtein distance, for "did you mean" (section names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]

@@ -78,13 +78,6 @@ impl RetryPolicy {
             ErrorKind::Internal | ErrorKind::External => Decision::Retry(self.backoff(attempt)),
         }
     }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .base_ms
-            .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
-        Duration::from_millis(exp.min(self.cap_ms))
-    }
 }
 
 #[cfg(test)]

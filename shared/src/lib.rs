@@ -1,15 +1,21 @@
 //! What the fracture stages share: messages, the Bus, the claim-check store, configuration,
-//! telemetry, the error taxonomy, DICOM pixel decoding and the region rules.
+//! telemetry, the error taxonomy and the one retry policy, DICOM pixel decoding, the region
+//! rules, and the pure statistics both the audit sink and training need.
 
 pub mod bus;
 pub mod config;
+pub mod dicom;
+pub mod dicom_outputs;
 pub mod error;
+pub mod html;
 pub mod messages;
 pub mod metrics;
 pub mod otlp;
 pub mod pixels;
 pub mod region;
+pub mod retry;
 pub mod stage;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod testkit;

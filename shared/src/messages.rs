@@ -62,18 +62,6 @@ pub struct Geometry {
     pub size: u32,
 }
 
-impl Geometry {
-    /// Maps a point in model-input pixel coordinates back to original pixel coordinates.
-    pub fn to_original(&self, x: f64, y: f64) -> (f64, f64) {
-        let ox = self.crop[0] as f64 + x / self.scale;
-        let oy = self.crop[1] as f64 + y / self.scale;
-        (
-            ox.clamp(self.crop[0] as f64, self.crop[2] as f64),
-            oy.clamp(self.crop[1] as f64, self.crop[3] as f64),
-        )
-    }
-}
-
 /// `fracture.preprocessed`: the model input, in the claim-check store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessed {
@@ -274,29 +262,42 @@ message!(Label, schema::LABEL, "labels");
 message!(Alert, schema::ALERT, "alerts");
 message!(DeadLetter, schema::DEAD_LETTER, "dead-letter");
 
+/// A record that is not the message its topic carries; the message says what arrived and what
+/// was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// The message text, for a dead letter's reason.
+impl From<DecodeError> for String {
+    fn from(e: DecodeError) -> String {
+        e.0
+    }
+}
+
 /// Decodes a message, checking its schema; the error says what arrived and what was expected.
-pub fn decode<M: Message>(payload: &[u8]) -> Result<M, String> {
+pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
     #[derive(Deserialize)]
     struct Probe {
         schema: Option<String>,
     }
     let probe: Probe = serde_json::from_slice(payload).map_err(|e| {
-        format!(
+        DecodeError(format!(
             "not a JSON message ({e}); expected {} on this topic",
             M::SCHEMA
-        )
+        ))
     })?;
     match probe.schema.as_deref() {
         Some(s) if s == M::SCHEMA => serde_json::from_slice(payload)
-            .map_err(|e| format!("malformed {} message: {e}", M::SCHEMA)),
-        Some(s) => Err(format!(
+            .map_err(|e| DecodeError(format!("malformed {} message: {e}", M::SCHEMA))),
+        Some(s) => Err(DecodeError(format!(
             "message schema {s} is not {}; is a producer of another version writing to this topic?",
             M::SCHEMA
-        )),
-        None => Err(format!(
+        ))),
+        None => Err(DecodeError(format!(
             "message has no schema field; expected {}",
             M::SCHEMA
-        )),
+        ))),
     }
 }
 
@@ -321,24 +322,10 @@ mod tests {
         let bytes = encode(&l);
         assert_eq!(decode::<Label>(&bytes).unwrap(), l);
         let e = decode::<Finding>(&bytes).unwrap_err();
-        assert!(e.contains("fracture.label/v1"), "{e}");
+        assert!(e.0.contains("fracture.label/v1"), "{e}");
         assert!(decode::<Label>(b"\x00\x01")
             .unwrap_err()
+            .0
             .contains("not a JSON"));
-    }
-
-    #[test]
-    fn geometry_maps_back_through_crop_and_scale() {
-        let g = Geometry {
-            original_width: 2000,
-            original_height: 1000,
-            crop: [100, 50, 1900, 950],
-            scale: 0.5,
-            size: 1024,
-        };
-        assert_eq!(g.to_original(0.0, 0.0), (100.0, 50.0));
-        assert_eq!(g.to_original(10.0, 20.0), (120.0, 90.0));
-        // Padding beyond the image clamps to the crop box.
-        assert_eq!(g.to_original(1024.0, 1024.0), (1900.0, 950.0));
     }
 }

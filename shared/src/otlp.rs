@@ -137,11 +137,28 @@ pub fn encode(service: &str, spans: &[SpanRecord]) -> Vec<u8> {
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
+/// A POST that did not succeed; the message says where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error("{0:?} must start with http://")]
+    NotHttp(String),
+    #[error(
+        "OTLP endpoint {0:?} must start with http:// (put a collector beside the stage for TLS)"
+    )]
+    OtlpNotHttp(String),
+    #[error("cannot reach {host}: {reason}")]
+    Io { host: String, reason: String },
+    #[error("{host} answered {status:?}")]
+    Status { host: String, status: String },
+    #[error("{0} did not answer within 5 s")]
+    Timeout(String),
+}
+
 /// POSTs a JSON body to `url` (`http://host:port/path`), e.g. an alert webhook; 5 s timeout.
-pub async fn post_json(url: &str, body: &[u8]) -> Result<(), String> {
+pub async fn post_json(url: &str, body: &[u8]) -> Result<(), PostError> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must start with http://"))?;
+        .ok_or_else(|| PostError::NotHttp(url.to_string()))?;
     let (host, path) = rest
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
@@ -150,10 +167,10 @@ pub async fn post_json(url: &str, body: &[u8]) -> Result<(), String> {
 }
 
 /// A plain HTTP/1.1 POST (collectors on a cluster network or loopback speak cleartext OTLP).
-async fn post(endpoint: &str, body: &[u8]) -> Result<(), String> {
+async fn post(endpoint: &str, body: &[u8]) -> Result<(), PostError> {
     let rest = endpoint
         .strip_prefix("http://")
-        .ok_or_else(|| format!("OTLP endpoint {endpoint:?} must start with http:// (put a collector beside the stage for TLS)"))?;
+        .ok_or_else(|| PostError::OtlpNotHttp(endpoint.to_string()))?;
     let (host, base) = rest
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
@@ -162,21 +179,23 @@ async fn post(endpoint: &str, body: &[u8]) -> Result<(), String> {
     post_to(host, &path, body).await
 }
 
-async fn post_to(host: &str, path: &str, body: &[u8]) -> Result<(), String> {
+async fn post_to(host: &str, path: &str, body: &[u8]) -> Result<(), PostError> {
+    let io_error = |e: std::io::Error| PostError::Io {
+        host: host.to_string(),
+        reason: e.to_string(),
+    };
     let io = async {
         let mut s = tokio::net::TcpStream::connect(host)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(io_error)?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(body).await.map_err(|e| e.to_string())?;
+        s.write_all(head.as_bytes()).await.map_err(io_error)?;
+        s.write_all(body).await.map_err(io_error)?;
         let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await.map_err(|e| e.to_string())?;
+        s.read_to_end(&mut resp).await.map_err(io_error)?;
         let status = String::from_utf8_lossy(&resp)
             .lines()
             .next()
@@ -189,12 +208,15 @@ async fn post_to(host: &str, path: &str, body: &[u8]) -> Result<(), String> {
         {
             Ok(())
         } else {
-            Err(format!("collector answered {status:?}"))
+            Err(PostError::Status {
+                host: host.to_string(),
+                status,
+            })
         }
     };
     tokio::time::timeout(Duration::from_secs(5), io)
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|_| PostError::Timeout(host.to_string()))?
 }
 
 #[cfg(test)]

@@ -401,18 +401,18 @@ impl StageEnv {
             retry: self.retry,
             batch,
         };
-        let mut backoff = Duration::from_secs(1);
+        let mut restarts = 0;
         loop {
-            let mut io = loop {
-                match self.bus.consumer(&group, &inputs, &instance).await {
-                    Ok(io) => break io,
-                    Err(BusError::Unavailable(m)) if !self.shutdown.is_set() => {
-                        tracing::warn!(stage, error = %m, "bus not reachable yet, retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                    Err(e) => return Err(StageFailed { stage, source: e }),
-                }
-            };
+            let mut io = self
+                .retry
+                .retry("the bus is not reachable yet")
+                .until(&self.shutdown)
+                .run(
+                    || self.bus.consumer(&group, &inputs, &instance),
+                    |e| matches!(e, BusError::Unavailable(_)),
+                )
+                .await
+                .map_err(|e| StageFailed { stage, source: e })?;
             self.health.set_ready(true);
             self.metrics.ready_gauge.with_label_values(&[stage]).set(1);
             tracing::info!(stage, topic = %input, "consuming");
@@ -430,17 +430,15 @@ impl StageEnv {
                 // uncommitted batch comes again from the committed offsets, so the stage starts
                 // over with new clients instead of leaving the pod running and idle.
                 Err(e) if !self.shutdown.is_set() => {
-                    if started.elapsed() > Duration::from_secs(60) {
-                        backoff = Duration::from_secs(1);
-                    }
-                    tracing::error!(stage, error = %e, retry_in_s = backoff.as_secs(), "the bus failed; starting over with new clients");
-                    let mut stop = self.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.wait() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    if self.shutdown.is_set() {
+                    // A stage that ran a while before failing starts its backoff afresh.
+                    restarts = if started.elapsed() > Duration::from_secs(60) {
+                        1
+                    } else {
+                        restarts + 1
+                    };
+                    let wait = self.retry.backoff(restarts);
+                    tracing::error!(stage, error = %e, retry_in_ms = wait.as_millis() as u64, "the bus failed; starting over with new clients");
+                    if !crate::retry::sleep_unless_stopped(wait, Some(&self.shutdown)).await {
                         tracing::info!(stage, "stopped");
                         return Ok(());
                     }

@@ -1,6 +1,7 @@
 //! The five `fracture serve` processes on a broker, as the end-to-end, chaos and load runs start,
 //! kill, restart and stop them; with an in-process OTLP receiver and a reader of the outputs.
 
+use fracture_shared::messages::{DeadLetter, Finding};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -333,7 +334,7 @@ pub async fn committed_outputs(
     want: usize,
     patience: Duration,
 ) -> Vec<Record> {
-    let names = [topics.name("findings"), topics.name("dead-letter")];
+    let names = [topics.of::<Finding>(), topics.of::<DeadLetter>()];
     let deadline = Instant::now() + patience;
     loop {
         match bus.read_committed(&names).await {
@@ -382,7 +383,7 @@ pub fn phantoms(dir: &Path, n: usize, seed: u64) -> Vec<PathBuf> {
 
 /// The input reference -> source path map the edge's linkage table keeps.
 pub async fn linkage(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
-    fracture_ingest::linkage::read_sources(&dir.join("linkage.db"))
+    fracture_edge::linkage::read_sources(&dir.join("linkage.db"))
         .await
         .expect("read the linkage table")
         .into_iter()

@@ -82,6 +82,15 @@ app.kubernetes.io/part-of: fracture
 {{- define "fracture.spoolDir" -}}/var/lib/fracture/spool{{- end -}}
 {{- define "fracture.auditDir" -}}/var/lib/fracture/audit{{- end -}}
 
+{{/* Every Deployment's stage: the five, and the export to the PACS when enabled (a JSON list). */}}
+{{- define "fracture.stages" -}}
+{{- $stages := list "ingest" "preprocess" "ensemble" "postprocess" "audit" -}}
+{{- if .Values.export.enabled -}}
+{{- $stages = append $stages "export" -}}
+{{- end -}}
+{{- toJson $stages -}}
+{{- end -}}
+
 {{/* The stages whose replicas follow their consumer lag or CPU. */}}
 {{- define "fracture.autoscaled" -}}
 {{- if and (has .stage (list "preprocess" "ensemble")) (or .root.Values.keda.enabled .root.Values.autoscaling.enabled) -}}true{{- end -}}
@@ -124,11 +133,11 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- $_ := set $audit "dashboard_addr" (printf "0.0.0.0:%d" (int $v.audit.dashboard.port)) -}}
 {{- end -}}
 {{- $cfg := dict "kafka" $kafka "store" $store "telemetry" $telemetry "model" $model "ingest" $ingest "audit" $audit -}}
-{{- if $v.postprocess.export.enabled -}}
-{{- $e := $v.postprocess.export -}}
-{{- $export := dict "pacs" (required "postprocess.export.pacs: the PACS to send results to, AE_TITLE@host:port" $e.pacs) "calling_ae_title" $e.callingAeTitle "linkage" (printf "%s/linkage" (include "fracture.edgeDir" .)) "ledger" (printf "%s/export/ledger.db" (include "fracture.edgeDir" .)) "connect_timeout_ms" $e.connectTimeoutMs "timeout_ms" $e.timeoutMs -}}
+{{- if $v.export.enabled -}}
+{{- $e := $v.export -}}
+{{- $export := dict "pacs" (required "export.pacs: the PACS to send results to, AE_TITLE@host:port" $e.pacs) "calling_ae_title" $e.callingAeTitle "linkage" (printf "%s/linkage" (include "fracture.edgeDir" .)) "ledger" (printf "%s/export/ledger.db" (include "fracture.edgeDir" .)) "connect_timeout_ms" $e.connectTimeoutMs "timeout_ms" $e.timeoutMs -}}
 {{- if $e.tls.enabled -}}
-{{- $_ := required "postprocess.export.tls.existingSecret: a Secret with the PACS's CA in ca.crt (and our tls.crt, tls.key if the PACS asks for them)" $e.tls.existingSecret -}}
+{{- $_ := required "export.tls.existingSecret: a Secret with the PACS's CA in ca.crt (and our tls.crt, tls.key if the PACS asks for them)" $e.tls.existingSecret -}}
 {{- $dir := include "fracture.exportTlsDir" . -}}
 {{- $_ := set $export "tls" true -}}
 {{- $_ := set $export "tls_ca_file" (printf "%s/ca.crt" $dir) -}}
@@ -137,7 +146,7 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 {{- $_ := set $export "tls_key_file" (printf "%s/tls.key" $dir) -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $cfg "postprocess" (dict "export" $export) -}}
+{{- $_ := set $cfg "export" $export -}}
 {{- end -}}
 {{- toJson (mustMergeOverwrite $cfg (deepCopy (default dict $v.config))) -}}
 {{- end -}}

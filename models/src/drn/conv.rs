@@ -216,53 +216,7 @@ impl ConvKernel {
 /// `dst[m, n] = lhs[m, k] * rhs[k, n]`, all row-major and contiguous, on the calling thread.
 fn matmul(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, k: usize, n: usize) {
     assert!(dst.len() == m * n && lhs.len() == m * k);
-    matmul_strided(dst, n, lhs, k, rhs, m, k, n);
-}
-
-/// `dst[m, n] = lhs[m, k] * rhs[k, n]`, row-major with row strides `dst_rs` and `lhs_rs` (rhs
-/// contiguous), on the calling thread; dst's values between rows are left alone.
-#[allow(clippy::too_many_arguments)]
-fn matmul_strided(
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    lhs_rs: usize,
-    rhs: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    let last = |rs: usize, cols: usize| if m > 0 { (m - 1) * rs + cols } else { 0 };
-    assert!(dst_rs >= n && lhs_rs >= k);
-    assert!(last(dst_rs, n) <= dst.len() && last(lhs_rs, k) <= lhs.len() && k * n <= rhs.len());
-    // SAFETY: `gemm` is an `unsafe fn` over raw pointers and strides. With column stride 1 and
-    // the row strides given, it reads lhs[i * lhs_rs + j] for i < m, j < k, rhs[j * n + c] for
-    // c < n, and writes dst[i * dst_rs + c]; the asserts above keep the last of each inside its
-    // slice. `dst` is a unique borrow, so it overlaps neither input, and `read_dst = false`
-    // means its old values are not read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    crate::matmul::matmul(dst, m, n, k, (lhs, k, 1), (rhs, n, 1), false);
 }
 
 /// One side of the Winograd tiling of a feature map of `len` pixels at dilation `d`: a tile covers

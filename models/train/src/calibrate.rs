@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::path::Path;
 
+use fracture_models::boxes::{boxes, BoxConfig};
 use fracture_models::manifest::Thresholds;
-use fracture_models::Ensemble;
-use fracture_postprocess::boxes::{boxes, BoxConfig};
+use fracture_models::{Ensemble, Placement};
 use fracture_shared::messages::Geometry;
 use serde::{Deserialize, Serialize};
 
@@ -183,7 +183,7 @@ struct Item<'a> {
     score: f32,
     fracture: bool,
     boxes: &'a [[f64; 4]],
-    map: Option<(&'a [f32], usize, &'a Geometry)>,
+    map: Option<(&'a [f32], usize, Placement)>,
 }
 
 fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
@@ -209,7 +209,7 @@ fn box_counts(
 ) -> (usize, usize, usize, usize) {
     let (mut found, mut labelled, mut false_boxes, mut n) = (0, 0, 0, 0);
     for item in items {
-        let Some((map, size, geometry)) = item.map else {
+        let Some((map, size, placement)) = item.map else {
             continue;
         };
         n += 1;
@@ -218,7 +218,7 @@ fn box_counts(
         if !called {
             continue;
         }
-        let drawn: Vec<[f64; 4]> = boxes(map, size, t, true, geometry, &opts.boxes)
+        let drawn: Vec<[f64; 4]> = boxes(map, size, t, true, &placement, &opts.boxes)
             .into_iter()
             .map(|b| [b.x0, b.y0, b.x1, b.y1])
             .collect();
@@ -328,7 +328,12 @@ pub fn calibrate(
         }
         let map = match (&p.map, &p.geometry) {
             (Some(m), Some(g)) if p.map_size > 0 && m.len() == p.map_size * p.map_size => {
-                Some((m.as_slice(), p.map_size, g))
+                let placement = Placement {
+                    crop: g.crop,
+                    scale: g.scale,
+                    size: g.size as usize,
+                };
+                Some((m.as_slice(), p.map_size, placement))
             }
             _ => None,
         };

@@ -25,8 +25,13 @@ pub struct Label {
     pub boxes: Vec<[f64; 4]>,
 }
 
+/// A CSV line [`csv_fields`] cannot split.
+#[derive(Debug, thiserror::Error)]
+#[error("a quoted field is not closed")]
+struct UnclosedQuote;
+
 /// Splits one CSV line into fields (RFC 4180 quoting, no line breaks inside fields).
-fn csv_fields(line: &str) -> Result<Vec<String>, String> {
+fn csv_fields(line: &str) -> Result<Vec<String>, UnclosedQuote> {
     let mut out = Vec::new();
     let mut field = String::new();
     let mut chars = line.chars().peekable();
@@ -53,7 +58,7 @@ fn csv_fields(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err("a quoted field is not closed".into());
+        return Err(UnclosedQuote);
     }
     out.push(field);
     Ok(out)
@@ -93,7 +98,7 @@ pub fn parse_labels(text: &str, path: &Path) -> Result<Vec<Label>, TrainError> {
                 .into(),
         ));
     };
-    let header = csv_fields(header).map_err(|m| err(header_line, m))?;
+    let header = csv_fields(header).map_err(|e| err(header_line, e.to_string()))?;
     let col = |name: &str| -> Result<usize, TrainError> {
         header
             .iter()
@@ -115,7 +120,7 @@ pub fn parse_labels(text: &str, path: &Path) -> Result<Vec<Label>, TrainError> {
     let mut out: Vec<Label> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for (lineno, line) in lines {
-        let fields = csv_fields(line).map_err(|m| err(lineno, m))?;
+        let fields = csv_fields(line).map_err(|e| err(lineno, e.to_string()))?;
         let get = |c: usize| fields.get(c).map(|s| s.trim()).unwrap_or("");
         let uid = get(c_uid);
         if uid.is_empty() {
@@ -201,11 +206,7 @@ struct Indexed {
 }
 
 fn text_of(obj: &dicom_object::DefaultDicomObject, tag: dicom_object::Tag) -> Option<String> {
-    obj.element(tag)
-        .ok()
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches('\0').trim().to_string())
-        .filter(|s| !s.is_empty())
+    fracture_shared::dicom::text(obj, tag)
 }
 
 /// The DICOM files under `dir` (recursively) whose SOP Instance UID is in `wanted`, read up to
@@ -372,7 +373,9 @@ pub fn load(
     let results: Vec<Result<Sample, (PathBuf, String)>> = labels
         .par_iter()
         .filter_map(|l| index.get(&l.sop_instance_uid).map(|ix| (l, ix)))
-        .map(|(l, ix)| load_one(l, ix, transform_cfg, input).map_err(|e| (ix.path.clone(), e)))
+        .map(|(l, ix)| {
+            load_one(l, ix, transform_cfg, input).map_err(|e| (ix.path.clone(), e.to_string()))
+        })
         .collect();
     let mut samples = Vec::with_capacity(results.len());
     for r in results {
@@ -400,17 +403,28 @@ pub fn load(
     ))
 }
 
+/// Why one labelled radiograph's file was left out (listed in the [`LoadReport`]).
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("{0}")]
+    Decode(#[from] fracture_shared::StageError),
+    #[error("{0}")]
+    Transform(#[from] fracture_models::ModelError),
+}
+
 fn load_one(
     label: &Label,
     ix: &Indexed,
     cfg: &TransformConfig,
     input: Input,
-) -> Result<Sample, String> {
-    let bytes = std::fs::read(&ix.path).map_err(|e| e.to_string())?;
-    let obj = fracture_shared::pixels::read_object(&bytes).map_err(|e| e.to_string())?;
+) -> Result<Sample, Unreadable> {
+    let bytes = std::fs::read(&ix.path)?;
+    let obj = fracture_shared::pixels::read_object(&bytes)?;
     drop(bytes);
-    let image = fracture_shared::pixels::decode(&obj).map_err(|e| e.to_string())?;
-    let t = transform(&image.pixels, image.width, image.height, cfg).map_err(|e| e.to_string())?;
+    let image = fracture_shared::pixels::decode(&obj)?;
+    let t = transform(&image.pixels, image.width, image.height, cfg)?;
     let model_boxes = label.boxes.iter().map(|&b| t.box_to_model(b)).collect();
     let pixels = match input {
         Input::Raw => t.raw.clone(),

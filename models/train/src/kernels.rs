@@ -15,6 +15,7 @@ use candle_core::{
 };
 use candle_nn::{BatchNorm, Conv2d};
 use fracture_models::drn::{CandleTraining, TrainingOps};
+use fracture_models::matmul::matmul;
 use rayon::prelude::*;
 
 /// [`TrainingOps`] with this module's kernels on the CPU (candle's own elsewhere, and for
@@ -70,59 +71,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => bail!("training kernels need contiguous tensors"),
         _ => bail!("training kernels run on float32 tensors only"),
-    }
-}
-
-/// `dst[m, n] = (accumulate ? dst : 0) + a[m, k] b[k, n]`, `a` and `b` addressed by (row
-/// stride, column stride), `dst` row-major and contiguous; on the calling thread.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    accumulate: bool,
-) {
-    let ((a, a_rs, a_cs), (b, b_rs, b_cs)) = (a, b);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= m * n);
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
-    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
-    // SAFETY: gemm reads a[i * a_rs + j * a_cs] (i < m, j < k), b[j * b_rs + c * b_cs] (c < n)
-    // and writes dst[i * n + c]; the asserts keep the largest of each inside its slice, and
-    // `dst`, a unique borrow, overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

@@ -458,7 +458,7 @@ pub fn score(net: &Drn, data: &Dataset, batch: usize) -> Result<Vec<f32>, TrainE
 fn tuning_metrics(scores: &[f32], data: &Dataset) -> (Option<f64>, f64) {
     let labels: Vec<bool> = data.samples.iter().map(|s| s.fracture).collect();
     let s64: Vec<f64> = scores.iter().map(|&s| f64::from(s)).collect();
-    let auc = fracture_audit::evaluate::auc(&s64, &labels);
+    let auc = fracture_shared::stats::auc(&s64, &labels);
     let loss = s64
         .iter()
         .zip(&labels)

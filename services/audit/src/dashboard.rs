@@ -99,21 +99,7 @@ macro_rules! w {
     }};
 }
 
-/// Escapes text and attribute values alike.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use fracture_shared::html::escape;
 
 /// A fraction as a percentage with one decimal; a missing or broken number as a dash.
 pub fn pct(x: f64) -> String {

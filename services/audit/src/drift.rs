@@ -20,9 +20,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use fracture_shared::stats::{auc, wilson};
 use serde::{Deserialize, Serialize};
 
-use crate::evaluate::{auc, wilson, Metric};
+use crate::evaluate::Metric;
 
 const DAY_MS: i64 = 86_400_000;
 

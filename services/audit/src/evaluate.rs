@@ -7,7 +7,6 @@
 
 mod input;
 mod report;
-mod stats;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -16,10 +15,11 @@ use serde::{Deserialize, Serialize};
 
 pub use input::{pseudonymise_labels, ReferenceRead};
 pub use report::{to_html, to_markdown};
-pub use stats::{auc, wilson, Z95};
+// Part of the evaluation's API (its tests call them here); the one implementation is shared.
+pub use fracture_shared::stats::{auc, wilson, Z95};
 
+use fracture_shared::stats::{self, fnv1a, mix64, percentile_ci, Item, Prepared};
 use input::{Label, Prediction, INDICATORS};
-use stats::{fnv1a, mix64, percentile_ci, Item, Prepared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use fracture_shared::stats::{auc, wilson, Z95};
+
 use crate::dashboard::{
     AlertRow as ShownAlert, DashboardData, Estimate, RegionRow, RocCurve, SensitivitySeries, Trend,
 };
 use crate::db::{AuditDb, CaseRow, Column, DbError};
-use crate::evaluate::{auc, wilson, Z95};
 
 /// `YYYY-MM-DD` (UTC) of a Unix time in milliseconds.
 pub fn date_of(ms: i64) -> String {

@@ -37,7 +37,7 @@ async fn a_sensitivity_drop_gives_one_alert_for_its_region() {
     let topics = Topics::new("t");
     bus.create_topics(&topics.all(), 1).await.unwrap();
     let mut alerts_io = bus
-        .consumer("check", &[topics.name("alerts")], "check")
+        .consumer("check", &[topics.of::<Alert>()], "check")
         .await
         .unwrap();
     let (stop, shutdown) = Shutdown::new();
@@ -112,13 +112,13 @@ async fn a_sensitivity_drop_gives_one_alert_for_its_region() {
                 boxes: vec![],
             };
             batch.push(OutRecord {
-                topic: topics.name("findings"),
+                topic: topics.of::<Finding>(),
                 key: sop.clone(),
                 payload: encode(&f),
                 headers: vec![],
             });
             batch.push(OutRecord {
-                topic: topics.name("labels"),
+                topic: topics.of::<Label>(),
                 key: sop.clone(),
                 payload: encode(&l),
                 headers: vec![],
@@ -133,7 +133,7 @@ async fn a_sensitivity_drop_gives_one_alert_for_its_region() {
 
     // Wait until the sink has taken everything.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while bus.lag("t.audit", &topics.name("findings")) + bus.lag("t.audit", &topics.name("labels"))
+    while bus.lag("t.audit", &topics.of::<Finding>()) + bus.lag("t.audit", &topics.of::<Label>())
         > 0
     {
         assert!(Instant::now() < deadline, "the sink did not keep up");

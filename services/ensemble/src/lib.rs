@@ -22,17 +22,18 @@ pub const STAGE: &str = "ensemble";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnsembleConfig {
-    /// Radiographs per forward pass.
-    pub batch_size: usize,
-    /// Longest wait for a batch to fill once the first radiograph arrived (ms).
-    pub max_wait_ms: u64,
+    /// `[ensemble.batch]`: `max` radiographs per forward pass (and per transaction), waiting
+    /// at most `linger_ms` for a batch to fill once the first radiograph arrived.
+    pub batch: BatchConfig,
 }
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
         Self {
-            batch_size: 4,
-            max_wait_ms: 20,
+            batch: BatchConfig {
+                max: 4,
+                linger_ms: 20,
+            },
         }
     }
 }
@@ -156,10 +157,6 @@ pub async fn run(
         topics: env.topics.clone(),
         ensemble,
     };
-    let batch = BatchConfig {
-        max: cfg.batch_size.max(1),
-        linger_ms: cfg.max_wait_ms,
-    };
-    env.consume(STAGE, env.topics.of::<Preprocessed>(), batch, &handler)
+    env.consume(STAGE, env.topics.of::<Preprocessed>(), cfg.batch, &handler)
         .await
 }

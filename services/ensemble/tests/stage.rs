@@ -1,7 +1,7 @@
 //! The ensemble stage with the ten-member untrained ensemble, on both transports: one Scored per
 //! input with every member's score, their mean and the map of the members with map heads; two
 //! replicas on Kafka share the partitions and score every input exactly once; batches gather up
-//! to `batch_size` records within `max_wait_ms`.
+//! to `batch.max` records within `batch.linger_ms`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +16,7 @@ use fracture_shared::messages::{
     decode, encode, schema, DeadLetter, Geometry, Preprocessed, RadiographId, Scored,
 };
 use fracture_shared::metrics::{Health, StageMetrics};
-use fracture_shared::stage::{bytes_to_f32, f32_to_bytes, Shutdown, StageEnv};
+use fracture_shared::stage::{bytes_to_f32, f32_to_bytes, BatchConfig, Shutdown, StageEnv};
 use fracture_shared::store::{BlobStore, StoreConfig};
 use fracture_shared::{pixels, testkit, RetryPolicy};
 use tokio::sync::watch;
@@ -195,7 +195,7 @@ async fn dead_letters(bus: &dyn Bus, topics: &Topics) -> Vec<String> {
         .map(|r| {
             decode::<DeadLetter>(&r.payload)
                 .map(|d| d.reason)
-                .unwrap_or_else(|e| e)
+                .unwrap_or_else(|e| e.0)
         })
         .collect()
 }
@@ -272,7 +272,7 @@ async fn ten_members_score_every_input_on_the_in_process_bus() {
     }
 }
 
-/// `batch_size` caps a batch and records arriving within `max_wait_ms` of the first join it.
+/// `batch.max` caps a batch and records arriving within `batch.linger_ms` of the first join it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_gather_up_to_batch_size_within_max_wait() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -291,11 +291,13 @@ async fn batches_gather_up_to_batch_size_within_max_wait() {
     let task = start(
         &r,
         EnsembleConfig {
-            batch_size: 4,
-            max_wait_ms: 1000,
+            batch: BatchConfig {
+                max: 4,
+                linger_ms: 1000,
+            },
         },
     );
-    // One at a time, well within max_wait_ms of each other.
+    // One at a time, well within linger_ms of each other.
     let mut producer = bus.producer("test").await.expect("producer");
     for rec in records {
         producer.send(vec![rec]).await.expect("send");
@@ -315,14 +317,14 @@ async fn batches_gather_up_to_batch_size_within_max_wait() {
         batches < records,
         "{batches} batches for {records} records: nothing was batched"
     );
-    // The bucket le="4" holds every batch: none was larger than batch_size.
+    // The bucket le="4" holds every batch: none was larger than batch.max.
     let text = m.render();
     let le4 = text
         .lines()
         .find(|l| l.starts_with("fracture_batch_size_bucket") && l.contains("le=\"4\""))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .expect("the le=4 bucket");
-    assert_eq!(le4, batches, "a batch was larger than batch_size 4");
+    assert_eq!(le4, batches, "a batch was larger than batch.max 4");
 }
 
 /// Two replicas in one consumer group on a real broker, 3 partitions: both take part, and every
@@ -355,8 +357,10 @@ async fn two_replicas_share_the_partitions_on_kafka_and_score_each_input_once() 
             start(
                 r,
                 EnsembleConfig {
-                    batch_size: 4,
-                    max_wait_ms: 50,
+                    batch: BatchConfig {
+                        max: 4,
+                        linger_ms: 50,
+                    },
                 },
             )
         })

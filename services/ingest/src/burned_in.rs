@@ -22,14 +22,7 @@ pub struct PixelRule {
 }
 
 fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
-    obj.element(tag)
-        .ok()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| s.trim_end_matches('\0').trim().to_string())
-        })
-        .unwrap_or_default()
+    fracture_shared::dicom::text(obj, tag).unwrap_or_default()
 }
 
 fn int(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<u32> {

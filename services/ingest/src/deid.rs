@@ -21,6 +21,7 @@ use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use fracture_edge::Originals;
 use fracture_shared::error::StageError;
 
 pub mod passthrough;
@@ -650,75 +651,8 @@ fn code_item(value: &str, meaning: &str) -> InMemDicomObject {
 const METHOD_TEXT: &str = "fracture PS3.15 E.1 Basic; Rtn Pat Chars; Rtn Long Modif Dates";
 const _: () = assert!(METHOD_TEXT.len() <= 64);
 
-/// Declares [`Originals`] and its attribute list from one table, so the de-identification that
-/// reads them, the linkage table that stores them and the exporter that writes them back agree.
-macro_rules! originals {
-    ($($(#[$doc:meta])* $field:ident: $tag:ident, $vr:ident;)*) => {
-        /// The identifiers of the original object, for the linkage table at the edge: its UIDs,
-        /// and what a PACS needs to file a result under the original patient and study. Empty
-        /// strings for attributes the object did not have.
-        #[derive(Debug, Clone, Default, PartialEq, Eq)]
-        pub struct Originals {
-            $($(#[$doc])* pub $field: String,)*
-        }
-
-        impl Originals {
-            /// Every attribute: its field (and linkage column) name, tag and VR.
-            pub const ATTRIBUTES: &'static [(&'static str, Tag, VR)] =
-                &[$((stringify!($field), tags::$tag, VR::$vr),)*];
-
-            /// The value of the attribute named `field` (see [`Originals::ATTRIBUTES`]).
-            pub fn get(&self, field: &str) -> Option<&str> {
-                match field {
-                    $(stringify!($field) => Some(&self.$field),)*
-                    _ => None,
-                }
-            }
-
-            /// The value of the attribute named `field`, to set.
-            pub fn get_mut(&mut self, field: &str) -> Option<&mut String> {
-                match field {
-                    $(stringify!($field) => Some(&mut self.$field),)*
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-
-originals! {
-    study_instance_uid: STUDY_INSTANCE_UID, UI;
-    series_instance_uid: SERIES_INSTANCE_UID, UI;
-    sop_instance_uid: SOP_INSTANCE_UID, UI;
-    sop_class_uid: SOP_CLASS_UID, UI;
-    patient_id: PATIENT_ID, LO;
-    issuer_of_patient_id: ISSUER_OF_PATIENT_ID, LO;
-    patient_name: PATIENT_NAME, PN;
-    patient_birth_date: PATIENT_BIRTH_DATE, DA;
-    patient_sex: PATIENT_SEX, CS;
-    accession_number: ACCESSION_NUMBER, SH;
-    study_id: STUDY_ID, SH;
-    study_date: STUDY_DATE, DA;
-    study_time: STUDY_TIME, TM;
-    study_description: STUDY_DESCRIPTION, LO;
-    referring_physician_name: REFERRING_PHYSICIAN_NAME, PN;
-    /// Series and content date and time: the radiograph's own date, which results about it
-    /// carry as their content date.
-    series_date: SERIES_DATE, DA;
-    series_time: SERIES_TIME, TM;
-    content_date: CONTENT_DATE, DA;
-    content_time: CONTENT_TIME, TM;
-}
-
 fn string_of(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.element(tag)
-        .ok()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| s.trim_end_matches('\0').trim().to_string())
-        })
-        .unwrap_or_default()
+    fracture_shared::dicom::text(obj, tag).unwrap_or_default()
 }
 
 /// De-identifies `obj` under `policy`, returning the new object and the original identifiers (for the linkage table).
@@ -726,12 +660,7 @@ pub fn deidentify(
     obj: DefaultDicomObject,
     policy: &DeidPolicy,
 ) -> Result<(DefaultDicomObject, Originals), StageError> {
-    let mut originals = Originals::default();
-    for &(field, tag, _) in Originals::ATTRIBUTES {
-        if let Some(v) = originals.get_mut(field) {
-            *v = string_of(&obj, tag);
-        }
-    }
+    let originals = Originals::capture(&obj);
     for (name, v) in [
         ("StudyInstanceUID", &originals.study_instance_uid),
         ("SOPInstanceUID", &originals.sop_instance_uid),

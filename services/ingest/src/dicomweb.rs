@@ -4,14 +4,14 @@
 //! PHI: study, series and instance UIDs and the URLs that hold them are identifiers. They are
 //! never logged; logs carry counts and pseudonymous input references only.
 
+pub mod backscan;
 pub mod http;
 pub mod multipart;
-pub mod scan;
 pub mod stow;
 
 use std::path::{Path, PathBuf};
 
-pub use scan::{back_scan, ScanError, ScanReport};
+pub use backscan::{back_scan, ScanError, ScanReport};
 pub use stow::{serve_stow, serve_stow_on};
 
 /// `[ingest.dicomweb]`

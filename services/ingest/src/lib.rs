@@ -4,10 +4,10 @@
 pub mod burned_in;
 pub mod deid;
 pub mod dicomweb;
-pub mod export;
-pub mod linkage;
+pub mod research;
+mod run;
 pub mod scp;
-pub mod tls;
+mod spool;
 pub mod walk;
 
 use std::path::{Path, PathBuf};
@@ -16,19 +16,22 @@ use bytes::Bytes;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::DefaultDicomObject;
 
+use fracture_edge::linkage::{Linkage, LinkageRow};
 use fracture_shared::bus::{BusError, OutRecord, Producer, Topics};
 use fracture_shared::error::StageError;
 use fracture_shared::messages::{
     decode, encode, schema, DeadLetter, Deidentified, ErrorKind, Message, RadiographId,
 };
 use fracture_shared::region;
+use fracture_shared::retry::sleep_unless_stopped;
 use fracture_shared::stage::Shutdown;
 use fracture_shared::store::BlobStore;
 use fracture_shared::telemetry;
+use fracture_shared::RetryPolicy;
 
 pub use deid::passthrough::{Cleaned, Source};
 pub use deid::{deidentify, DeidPolicy};
-pub use linkage::{Linkage, LinkageReader, LinkageRow};
+pub use run::{run, RunError};
 pub use walk::{walk, Input};
 
 pub const STAGE: &str = "ingest";
@@ -45,7 +48,7 @@ pub struct IngestConfig {
     /// Root of generated UIDs (`2.25` for UUID-derived UIDs).
     pub uid_root: String,
     /// The linkage table (pseudonym -> original identifiers), a SQLite database created with mode
-    /// 0600. Stays at the edge; the exporter of `fracture serve postprocess` reads it.
+    /// 0600. Stays at the edge; `fracture serve export` reads it.
     pub linkage: String,
     /// A folder to ingest when `fracture serve ingest` is given no paths.
     pub input_dir: String,
@@ -87,14 +90,20 @@ impl Default for IngestConfig {
     }
 }
 
+/// The de-identification key file could not be read; the message says how to make one.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the de-identification key file {} ({source}); create one with `head -c 32 /dev/urandom > {}` and keep it secret", path.display(), path.display())]
+pub struct KeyError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Reads the key file; the error says how to make one.
-pub fn read_key(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| {
-        format!(
-            "cannot read the de-identification key file {} ({e}); create one with `head -c 32 /dev/urandom > {}` and keep it secret",
-            path.display(),
-            path.display()
-        )
+pub fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(path).map_err(|source| KeyError {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -104,6 +113,8 @@ pub struct Ingest {
     pub store: BlobStore,
     pub topics: Topics,
     pub linkage: Linkage,
+    /// How long to wait for the store and the bus when they are away.
+    pub retry: RetryPolicy,
 }
 
 /// What happened to one input, for progress and counts.
@@ -136,16 +147,7 @@ const RADIOGRAPH_CLASSES: &[&str] = &[
     uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PROCESSING,
 ];
 
-fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    obj.element(tag)
-        .ok()
-        .and_then(|e| {
-            e.to_str()
-                .ok()
-                .map(|s| s.trim_end_matches('\0').trim().to_string())
-        })
-        .filter(|s| !s.is_empty())
-}
+use fracture_shared::dicom::text;
 
 /// Refuses what is not a CR or DX radiograph, saying what it was.
 pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
@@ -419,7 +421,7 @@ impl Ingest {
         source: &str,
         stop: Option<&Shutdown>,
     ) -> Option<(Outcome, Option<OutRecord>, u64)> {
-        let mut delay = std::time::Duration::from_millis(200);
+        let mut attempt = 0;
         loop {
             let got = self.process_as(item, input, source).await;
             let external = matches!(&got, (Outcome::DeadLettered, Some(r), _)
@@ -427,21 +429,15 @@ impl Ingest {
             if !external {
                 return Some(got);
             }
+            attempt += 1;
+            let wait = self.retry.backoff(attempt);
             tracing::warn!(
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = wait.as_millis() as u64,
                 "ingest cannot store an input now, retrying"
             );
-            match stop {
-                Some(s) => {
-                    let mut s = s.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = s.wait() => return None,
-                    }
-                }
-                None => tokio::time::sleep(delay).await,
+            if !sleep_unless_stopped(wait, stop).await {
+                return None;
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
     }
 
@@ -488,11 +484,23 @@ impl Ingest {
             pending.extend(record);
             progress(outcome, bytes);
             if pending.len() >= batch.max(1) {
-                send_with_retry(producer, std::mem::take(&mut pending)).await?;
+                send_with_retry(
+                    &self.retry,
+                    "ingest transaction did not land",
+                    producer,
+                    std::mem::take(&mut pending),
+                )
+                .await?;
             }
         }
         if !pending.is_empty() {
-            send_with_retry(producer, pending).await?;
+            send_with_retry(
+                &self.retry,
+                "ingest transaction did not land",
+                producer,
+                pending,
+            )
+            .await?;
         }
         Ok(report)
     }
@@ -509,20 +517,39 @@ fn quarantine(dir: &Path, input: &str, path: &Path) -> std::io::Result<()> {
     std::fs::copy(path, dir.join(format!("{input}.dcm"))).map(|_| ())
 }
 
+/// A door's transaction: a few quick tries for an aborted or unavailable one; beyond that the
+/// sender's own retry (a modality after 0xA700, a STOW-RS client after 503) is the better wait,
+/// since it holds no association or connection meanwhile.
+pub async fn publish_from_door(
+    retry: &RetryPolicy,
+    what: &str,
+    producer: &tokio::sync::Mutex<Box<dyn Producer>>,
+    records: Vec<OutRecord>,
+) -> Result<(), BusError> {
+    retry
+        .retry(what)
+        .attempts(3)
+        .run(
+            || async { producer.lock().await.send(records.clone()).await },
+            |e| !matches!(e, BusError::Fatal(_)),
+        )
+        .await
+}
+
 /// A source has no offsets to rewind: an aborted transaction is simply sent again.
-async fn send_with_retry(
+pub async fn send_with_retry(
+    retry: &RetryPolicy,
+    what: &str,
     producer: &mut dyn Producer,
     records: Vec<OutRecord>,
 ) -> Result<(), BusError> {
-    let mut delay = std::time::Duration::from_millis(100);
+    let mut retry = retry.retry(what);
     loop {
         match producer.send(records.clone()).await {
             Ok(()) => return Ok(()),
-            Err(BusError::Fatal(m)) => return Err(BusError::Fatal(m)),
             Err(e) => {
-                tracing::warn!(error = %e, "ingest transaction did not land, sending again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                let again = !matches!(e, BusError::Fatal(_));
+                retry.failed(e, again).await?;
             }
         }
     }

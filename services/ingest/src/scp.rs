@@ -1,11 +1,10 @@
 //! A DICOM C-STORE SCP: modalities and PACS push radiographs here; each object is spooled, ingested like a file, published, and only then acknowledged.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_core::{dicom_value, DataElement, VR};
@@ -25,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use fracture_shared::bus::{BusError, OutRecord, Producer};
+use fracture_shared::bus::{BusError, Producer};
 use fracture_shared::messages::{decode, DeadLetter, ErrorKind};
 use fracture_shared::stage::Shutdown;
 
@@ -104,14 +103,15 @@ impl ScpConfig {
         let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
             format!("cannot read a private key from ingest.scp.tls_key_file {key} ({e})")
         })?;
-        let provider = crate::tls::provider();
+        let provider = fracture_edge::tls::provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS ({e})"))?;
         let builder = if client_ca.is_empty() {
             builder.with_no_client_auth()
         } else {
-            let roots = crate::tls::ca_roots(client_ca, "ingest.scp.tls_client_ca_file", false)?;
+            let roots =
+                fracture_edge::tls::ca_roots(client_ca, "ingest.scp.tls_client_ca_file", false)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -273,7 +273,7 @@ async fn store_spooled(
     };
     // The same object arriving twice at once would share a spool name; the second waits, so
     // the first's removal cannot pull the file from under it.
-    let _claim = SpoolClaim::acquire(final_path.clone()).await;
+    let _claim = crate::spool::SpoolClaim::acquire(final_path.clone()).await;
     if let Err(e) = std::fs::rename(&temp, &final_path) {
         tracing::error!(error = %e, "cannot move the spool file into place");
         let _ = std::fs::remove_file(&temp);
@@ -326,7 +326,14 @@ async fn ingest_and_publish(
         }
     };
     let key = record.key.clone();
-    match publish(producer, record).await {
+    let sent = crate::publish_from_door(
+        &ingest.retry,
+        "received object's transaction did not land",
+        producer,
+        vec![record],
+    )
+    .await;
+    match sent {
         Ok(()) => {
             tracing::info!(input_key = %key, outcome = ?outcome, status = format_args!("{status:#06x}"), "received object");
             Answer {
@@ -347,59 +354,11 @@ async fn ingest_and_publish(
     }
 }
 
-/// A few quick tries for an aborted or unavailable transaction; beyond that the sender's own
-/// retry (after 0xA700) is the better wait, since it holds no association slot meanwhile.
-async fn publish(producer: &Mutex<Box<dyn Producer>>, record: OutRecord) -> Result<(), BusError> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        let result = producer.lock().await.send(vec![record.clone()]).await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(BusError::Fatal(m)) => return Err(BusError::Fatal(m)),
-            Err(e) if attempt >= 3 => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "received object's transaction did not land, sending again");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-        }
-    }
-}
-
 fn clip(s: &str) -> String {
     s.chars().take(COMMENT_MAX).collect()
 }
 
 static SPOOL_SEQ: AtomicU64 = AtomicU64::new(0);
-static SPOOL_CLAIMS: StdMutex<Option<HashSet<PathBuf>>> = StdMutex::new(None);
-
-struct SpoolClaim(PathBuf);
-
-impl SpoolClaim {
-    async fn acquire(path: PathBuf) -> Self {
-        loop {
-            {
-                let mut claims = SPOOL_CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
-                if claims.get_or_insert_with(HashSet::new).insert(path.clone()) {
-                    return Self(path);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for SpoolClaim {
-    fn drop(&mut self) {
-        let mut claims = SPOOL_CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = claims.as_mut() {
-            c.remove(&self.0);
-        }
-    }
-}
-
 /// A received data set on its way to the spool: preamble and file meta first, then each
 /// fragment written as it arrives and hashed as it goes, so a large object is never held in
 /// memory. The temporary file is removed unless [`SpoolWriter::finish`] hands it on.

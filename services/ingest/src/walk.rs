@@ -106,7 +106,7 @@ pub fn dicomdir(path: &Path) -> Vec<Input> {
 /// Every input under `paths`, files in a stable (sorted) order so a re-run sees the same order.
 pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
     paths.iter().flat_map(|root| {
-        let items: Box<dyn Iterator<Item = Input>> = match std::fs::metadata(root) {
+        let items: Box<dyn Iterator<Item = Input> + Send> = match std::fs::metadata(root) {
             Err(e) => Box::new(std::iter::once(Input::Unreadable(
                 root.clone(),
                 format!("cannot open the input: {}", e.kind()),

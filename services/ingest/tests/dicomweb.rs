@@ -14,8 +14,9 @@ use std::time::Duration;
 use dicom_dictionary_std::tags;
 use tokio::sync::Mutex;
 
+use fracture_edge::linkage::Linkage;
 use fracture_ingest::dicomweb::{self, DicomwebConfig};
-use fracture_ingest::{DeidPolicy, Ingest, Linkage};
+use fracture_ingest::{DeidPolicy, Ingest};
 use fracture_shared::bus::{Bus, InProcBus, Producer, StageIo, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified};
 use fracture_shared::stage::Shutdown;
@@ -210,6 +211,7 @@ impl Pipe {
             linkage: Linkage::open(&dir.path().join("linkage.db"))
                 .await
                 .expect("a linkage table"),
+            retry: fracture_shared::RetryPolicy::default(),
         });
         Self {
             dir,
@@ -364,7 +366,7 @@ fn scan_config(pipe: &Pipe) -> DicomwebConfig {
 /// The input reference the back-scan gives a file's instance.
 fn input_of(pipe: &Pipe, cfg: &DicomwebConfig, file: &Path) -> String {
     let (study, series, sop) = uids(file);
-    dicomweb::scan::instance_input(&pipe.ingest, cfg, &study, &series, &sop).1
+    dicomweb::backscan::instance_input(&pipe.ingest, cfg, &study, &series, &sop).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -454,7 +456,7 @@ async fn a_back_scan_retrieves_the_wanted_radiographs_deidentified_and_resumes()
         .expect("the linkage table");
     for file in [&a.rg3, &a.rg3_jpeg, &a.cat] {
         let (study, series, sop) = uids(file);
-        let reference = dicomweb::scan::instance_reference(&cfg, &study, &series, &sop);
+        let reference = dicomweb::backscan::instance_reference(&cfg, &study, &series, &sop);
         assert!(
             sources.get(&input_of(&pipe, &cfg, file)) == Some(&reference),
             "the linkage source of an instance is its WADO-RS reference"
@@ -719,12 +721,12 @@ async fn a_busy_pacs_is_waited_for_a_missing_instance_dead_lettered_and_the_key_
     assert_eq!(deid.len(), 1);
     assert_eq!(
         deid[0].id.input,
-        dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.5").1
+        dicomweb::backscan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.5").1
     );
     assert_deidentified(&rg3, &pipe.blob(&deid[0]).await);
     assert_eq!(dead.len(), 1);
     let gone =
-        dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.6").1;
+        dicomweb::backscan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.6").1;
     assert_eq!(dead[0].input.as_deref(), Some(gone.as_str()));
     assert!(dead[0].reason.contains("404"), "{}", dead[0].reason);
     assert!(
@@ -732,21 +734,17 @@ async fn a_busy_pacs_is_waited_for_a_missing_instance_dead_lettered_and_the_key_
         "a dead letter names no UID: {}",
         dead[0].reason
     );
-    // What an earlier release published under a spool-path reference is not fetched again.
-    let legacy: HashSet<String> = ["1.2.3.4.5", "1.2.3.4.6"]
+    // What was published (the radiograph and the dead letter) is not fetched again.
+    let published: HashSet<String> = ["1.2.3.4.5", "1.2.3.4.6"]
         .iter()
-        .map(|i| {
-            let (spool_file, _) =
-                dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", i);
-            pipe.ingest.input_id(&spool_file)
-        })
+        .map(|i| dicomweb::backscan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", i).1)
         .collect();
     let again = dicomweb::back_scan(
         &cfg,
         &pipe.ingest,
         producer.as_mut(),
         4,
-        &legacy,
+        &published,
         None,
         |_, _| {},
     )
@@ -767,7 +765,7 @@ async fn a_busy_pacs_is_waited_for_a_missing_instance_dead_lettered_and_the_key_
     cfg.url = cfg.url.replace("/dicom-web", "/dicom-web/");
     cfg.spool = pipe.dir.path().join("elsewhere").display().to_string();
     assert_eq!(
-        dicomweb::scan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.6").1,
+        dicomweb::backscan::instance_input(&pipe.ingest, &cfg, "1.2.3", "1.2.3.4", "1.2.3.4.6").1,
         gone,
         "a trailing slash is the same PACS, another spool the same instance"
     );
@@ -952,7 +950,7 @@ async fn a_back_scan_over_https_verifies_the_pacs_certificate() {
     assert!(deid[0].id.sop_instance_uid == pipe.ingest.policy.pseudonymise_uid(&sop));
     assert!(
         deid[0].id.input
-            == dicomweb::scan::instance_input(&pipe.ingest, &cfg, &study, &series, &sop).1,
+            == dicomweb::backscan::instance_input(&pipe.ingest, &cfg, &study, &series, &sop).1,
         "the reference of an https:// instance"
     );
     assert_deidentified(&rg3, &pipe.blob(&deid[0]).await);

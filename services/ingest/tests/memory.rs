@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
+use fracture_edge::linkage::Linkage;
 use fracture_ingest::scp::{self, ScpConfig};
-use fracture_ingest::{Ingest, Input, Linkage, Outcome};
+use fracture_ingest::{Ingest, Input, Outcome};
 use fracture_shared::bus::{Bus, InProcBus, Topics};
 use fracture_shared::stage::Shutdown;
 use fracture_shared::store::{BlobStore, StoreConfig};
@@ -116,7 +117,12 @@ async fn a_50_mb_radiograph_is_de_identified_in_a_small_multiple_of_its_size() {
     let policy = common::policy();
     let out = work.path().join("export");
     let (got, export_peak) = peak_during(async {
-        fracture_ingest::export::export(std::slice::from_ref(&input), &out, &policy, |_| {})
+        fracture_ingest::research::copy_deidentified(
+            std::slice::from_ref(&input),
+            &out,
+            &policy,
+            |_| {},
+        )
     })
     .await;
     let (report, refused) = got.expect("the export runs");
@@ -138,6 +144,7 @@ async fn a_50_mb_radiograph_is_de_identified_in_a_small_multiple_of_its_size() {
         store,
         topics: Topics::default(),
         linkage,
+        retry: fracture_shared::RetryPolicy::default(),
     };
     let ((outcome, record, bytes), ingest_peak) =
         peak_during(ingest.process(&Input::File(path.clone()))).await;

@@ -12,8 +12,9 @@ use std::time::Duration;
 use dicom_dictionary_std::tags;
 use tokio::sync::Mutex;
 
+use fracture_edge::linkage::Linkage;
 use fracture_ingest::scp::{self, status, Received, ScpConfig};
-use fracture_ingest::{DeidPolicy, Ingest, Linkage, Outcome};
+use fracture_ingest::{DeidPolicy, Ingest, Outcome};
 use fracture_shared::bus::{Bus, InProcBus, Producer, Record, StageIo, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified};
 use fracture_shared::stage::Shutdown;
@@ -83,6 +84,7 @@ impl Harness {
             linkage: Linkage::open(&dir.path().join("linkage.db"))
                 .await
                 .expect("a linkage table"),
+            retry: fracture_shared::RetryPolicy::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

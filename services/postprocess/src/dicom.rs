@@ -6,8 +6,9 @@ use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject};
-use sha2::{Digest, Sha256};
 
+// One derivation for the stage that writes the results and the export that predicts their UIDs.
+pub use fracture_shared::dicom_outputs::{derived_uid, reference_date_time, OutputUids};
 use fracture_shared::error::StageError;
 use fracture_shared::messages::Finding;
 
@@ -20,45 +21,6 @@ pub fn series_description(trained: bool) -> &'static str {
         "AI RESULT - FRACTURE DETECTION - NOT A DIAGNOSIS"
     } else {
         "AI RESULT - UNTRAINED MODEL - NOT FOR CLINICAL USE"
-    }
-}
-
-/// A `2.25` UID (PS3.5 B.2) from a name-based UUID (version 8, SHA-256) of `parts`: the same
-/// parts always give the same UID, so a re-run or a retry writes the same instance and an
-/// exporter can be idempotent by SOP Instance UID.
-pub fn derived_uid(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        // A separator that cannot occur in a UID, so ("1.2", "3") and ("1", ".23") differ.
-        h.update([0u8]);
-    }
-    let digest = h.finalize();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&digest[..16]);
-    b[6] = (b[6] & 0x0f) | 0x80; // version 8: custom (here SHA-256 name-based)
-    b[8] = (b[8] & 0x3f) | 0x80; // RFC 9562 variant
-    format!("2.25.{}", u128::from_be_bytes(b))
-}
-
-/// The outputs' UIDs for one source radiograph and model version. The series UIDs depend on the
-/// study, not the radiograph, so all of a study's results of one model form one series.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputUids {
-    pub sr_series: String,
-    pub sr_instance: String,
-    pub sc_series: String,
-    pub sc_instance: String,
-}
-
-impl OutputUids {
-    pub fn new(study: &str, sop_instance: &str, model_version: &str) -> Self {
-        Self {
-            sr_series: derived_uid(&["fracture-sr-series", study, model_version]),
-            sr_instance: derived_uid(&["fracture-sr", sop_instance, model_version]),
-            sc_series: derived_uid(&["fracture-sc-series", study, model_version]),
-            sc_instance: derived_uid(&["fracture-sc", sop_instance, model_version]),
-        }
     }
 }
 
@@ -106,13 +68,7 @@ pub struct Source {
     inherited: Vec<InMemElement>,
 }
 
-/// A text attribute, trimmed; `None` when absent or empty.
-pub(crate) fn string(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let e = obj.get(tag)?;
-    let s = e.to_str().ok()?;
-    let s = s.trim_end_matches('\0').trim();
-    (!s.is_empty()).then(|| s.to_string())
-}
+pub(crate) use fracture_shared::dicom::text as string;
 
 impl Source {
     /// Reads the identity of a parsed source object. A source without SOP Class, SOP Instance,
@@ -208,19 +164,6 @@ impl Source {
             format!("{:02}{:02}{:02}", rest / 3600, rest / 60 % 60, rest % 60),
         )
     }
-}
-
-/// The date and time results about a radiograph carry as their content date: the radiograph's
-/// content date and time, else its series', else its study's; `None` when it has none of them.
-/// (`get` reads one attribute, `None` when absent or empty.)
-pub fn reference_date_time(get: impl Fn(Tag) -> Option<String>) -> Option<(String, String)> {
-    [
-        (tags::CONTENT_DATE, tags::CONTENT_TIME),
-        (tags::SERIES_DATE, tags::SERIES_TIME),
-        (tags::STUDY_DATE, tags::STUDY_TIME),
-    ]
-    .iter()
-    .find_map(|&(d, t)| get(d).map(|d| (d, get(t).unwrap_or_default())))
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
@@ -322,30 +265,6 @@ pub fn to_part10(obj: InMemDicomObject) -> Result<(DefaultDicomObject, Vec<u8>),
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn derived_uids_are_stable_valid_and_distinct() {
-        let a = derived_uid(&["fracture-sr", "2.25.1", "demo-1"]);
-        assert_eq!(a, derived_uid(&["fracture-sr", "2.25.1", "demo-1"]));
-        assert_ne!(a, derived_uid(&["fracture-sr", "2.25.1", "demo-2"]));
-        assert_ne!(
-            derived_uid(&["x", "1.2", "3"]),
-            derived_uid(&["x", "1", ".23"])
-        );
-        assert!(a.starts_with("2.25.") && a.len() <= 64, "{a}");
-        let n = &a[5..];
-        assert!(n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0'));
-        let u = n.parse::<u128>().unwrap();
-        assert_eq!((u >> 76) & 0xf, 8, "UUID version 8");
-        assert_eq!((u >> 62) & 0b11, 0b10, "RFC variant");
-        let ids = OutputUids::new("2.25.9", "2.25.1", "demo-1");
-        assert_eq!(
-            ids.sr_series,
-            OutputUids::new("2.25.9", "2.25.2", "demo-1").sr_series
-        );
-        assert_ne!(ids.sr_instance, ids.sc_instance);
-        assert_ne!(ids.sr_series, ids.sc_series);
-    }
 
     #[test]
     fn days_to_dates() {

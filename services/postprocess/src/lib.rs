@@ -1,9 +1,7 @@
 //! The post-processing stage: the region's threshold decides, the probability map gives boxes,
 //! and the result goes out as a finding, a DICOM SR and a DICOM Secondary Capture.
 
-pub mod boxes;
 pub mod dicom;
-pub mod export;
 pub mod font;
 pub mod sc;
 pub mod sr;
@@ -25,7 +23,7 @@ use fracture_shared::stage::{
 use fracture_shared::store::BlobStore;
 use fracture_shared::Topics;
 
-pub use boxes::BoxConfig;
+pub use fracture_models::boxes::BoxConfig;
 pub use study::StudyConfig;
 
 pub const STAGE: &str = "postprocess";
@@ -40,10 +38,6 @@ pub struct PostprocessConfig {
     /// every radiograph, to the claim-check store, referenced from the finding.
     pub dicom_outputs: bool,
     pub studies: StudyConfig,
-    /// `[postprocess.export]`: when present, `fracture serve postprocess` also sends each
-    /// finding's SR and SC, re-identified at the edge, to a PACS (see [`export`]).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub export: Option<export::ExportConfig>,
 }
 
 impl Default for PostprocessConfig {
@@ -53,7 +47,6 @@ impl Default for PostprocessConfig {
             boxes: BoxConfig::default(),
             dicom_outputs: true,
             studies: StudyConfig::default(),
-            export: None,
         }
     }
 }
@@ -157,14 +150,29 @@ impl RecordHandler for Postprocess {
                         map.len()
                     )));
                 }
-                boxes::boxes(
+                let g = &msg.geometry;
+                let placement = fracture_models::Placement {
+                    crop: g.crop,
+                    scale: g.scale,
+                    size: g.size as usize,
+                };
+                fracture_models::boxes::boxes(
                     &map,
                     msg.map_size as usize,
                     self.manifest.map_threshold(&msg.region),
                     true,
-                    &msg.geometry,
+                    &placement,
                     &self.cfg.boxes,
                 )
+                .into_iter()
+                .map(|b| fracture_shared::messages::BoundingBox {
+                    x0: b.x0,
+                    y0: b.y0,
+                    x1: b.x1,
+                    y1: b.y1,
+                    score: b.score,
+                })
+                .collect()
             }
             _ => Vec::new(),
         };
@@ -196,8 +204,8 @@ impl RecordHandler for Postprocess {
     }
 }
 
-/// Runs the stage until shutdown: the findings, and (when enabled) the study summaries and the
-/// export to a PACS beside them.
+/// Runs the stage until shutdown: the findings, and (when enabled) the study summaries beside
+/// them. (The export to a PACS is its own stage: `fracture serve export`.)
 pub async fn run(
     env: &StageEnv,
     cfg: &PostprocessConfig,
@@ -215,22 +223,12 @@ pub async fn run(
         if !cfg.studies.enabled {
             return Ok(());
         }
-        loop {
-            match study::run(env, &cfg.studies).await {
-                Err(e) if !env.shutdown.is_set() => {
-                    tracing::error!(error = %e, "study summaries: the bus failed; starting over");
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                }
-                r => return r,
-            }
-        }
-    };
-    let export = async {
-        match &cfg.export {
-            Some(x) => export::run(env, x).await,
-            None => Ok(()),
-        }
+        env.retry
+            .retry("study summaries: the bus failed; starting over")
+            .until(&env.shutdown)
+            .run(|| study::run(env, &cfg.studies), |_| true)
+            .await
     };
     // Any one failing stops the stage (its supervisor restarts it); a clean stop waits for all.
-    tokio::try_join!(findings, studies, export).map(drop)
+    tokio::try_join!(findings, studies).map(drop)
 }

@@ -429,11 +429,11 @@ pub fn thumbnail_png(sc: &[u8], max_side: usize) -> Result<Vec<u8>, StageError> 
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use fracture_shared::messages::{schema, RadiographId};
 
-    pub(crate) fn finding(fracture: bool, boxes: Vec<BoundingBox>) -> Finding {
+    fn finding(fracture: bool, boxes: Vec<BoundingBox>) -> Finding {
         Finding {
             schema: schema::FINDING.into(),
             id: RadiographId {

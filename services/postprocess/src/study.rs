@@ -184,20 +184,19 @@ pub async fn run(env: &StageEnv, cfg: &StudyConfig) -> Result<(), StageFailed> {
     let retain = Duration::from_secs(cfg.retain_s);
     let tick = (quiet / 4).clamp(Duration::from_millis(20), Duration::from_millis(500));
     let mut shutdown: Shutdown = env.shutdown.clone();
-    let mut io = loop {
-        match env
-            .bus
-            .consumer(&group, std::slice::from_ref(&findings), &instance)
-            .await
-        {
-            Ok(io) => break io,
-            Err(fracture_shared::bus::BusError::Unavailable(m)) if !env.shutdown.is_set() => {
-                tracing::warn!(error = %m, "bus not reachable yet, retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(e) => return Err(fail(e)),
-        }
-    };
+    let mut io = env
+        .retry
+        .retry("the bus is not reachable yet")
+        .until(&env.shutdown)
+        .run(
+            || {
+                env.bus
+                    .consumer(&group, std::slice::from_ref(&findings), &instance)
+            },
+            |e| matches!(e, fracture_shared::bus::BusError::Unavailable(_)),
+        )
+        .await
+        .map_err(fail)?;
     let mut producer = env
         .bus
         .producer(&format!("{instance}.summaries"))
@@ -240,17 +239,10 @@ pub async fn run(env: &StageEnv, cfg: &StudyConfig) -> Result<(), StageFailed> {
                 })
                 .collect();
             // A summary that did not land is sent again (consumers keep the latest revision).
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match producer.send(records.clone()).await {
-                    Ok(()) => break,
-                    Err(e @ fracture_shared::bus::BusError::Fatal(_)) => return Err(fail(e)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "study summaries did not land, retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                    }
-                }
+            let mut retry = env.retry.retry("study summaries did not land");
+            while let Err(e) = producer.send(records.clone()).await {
+                let again = !matches!(e, fracture_shared::bus::BusError::Fatal(_));
+                retry.failed(e, again).await.map_err(fail)?;
             }
             tracing::debug!(studies = due.len(), "study summaries emitted");
         }

@@ -13,14 +13,15 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
 use fracture_models::Manifest;
-use fracture_postprocess::{boxes, sr, BoxConfig, Postprocess, PostprocessConfig, StudyConfig};
+use fracture_postprocess::{sr, Postprocess, PostprocessConfig, StudyConfig};
 use fracture_shared::bus::{Bus, InProcBus, OutRecord, Record, Topics};
 use fracture_shared::messages::{
-    decode, encode, schema, BlobRef, Finding, Geometry, RadiographId, Scored, StudySummary,
+    decode, encode, schema, BlobRef, BoundingBox, Finding, Geometry, RadiographId, Scored,
+    StudySummary,
 };
 use fracture_shared::metrics::{Health, StageMetrics};
 use fracture_shared::pixels;
-use fracture_shared::stage::{bytes_to_f32, f32_to_bytes, RecordHandler, Shutdown, StageEnv};
+use fracture_shared::stage::{f32_to_bytes, RecordHandler, Shutdown, StageEnv};
 use fracture_shared::store::{BlobStore, StoreConfig};
 use fracture_shared::RetryPolicy;
 
@@ -192,11 +193,17 @@ async fn findings_carry_an_sr_and_a_secondary_capture_that_reference_the_source(
     let out = stage.one(&record(&scored(&w, r, 0.9, true))).await.unwrap();
     let f: Finding = decode(&out[0].payload).unwrap();
     assert!(f.fracture);
-    // The decision's boxes: the map's one component, mapped back to original pixels.
-    let map = bytes_to_f32(&w.store.get(&w.map).await.unwrap()).unwrap();
-    let expected = boxes::boxes(&map, MAP, 0.5, true, &r.geometry, &BoxConfig::default());
-    assert_eq!(f.boxes, expected);
-    assert_eq!(f.boxes.len(), 1);
+    // The decision's boxes: the map's one component, cells 2..4 x 3..5 of 8 over the 64-pixel
+    // input (model pixels 16..32 x 24..40), mapped back to original pixels (crop at the origin).
+    let s = r.geometry.scale;
+    let expected = BoundingBox {
+        x0: 16.0 / s,
+        y0: 24.0 / s,
+        x1: 32.0 / s,
+        y1: 40.0 / s,
+        score: 0.8,
+    };
+    assert_eq!(f.boxes, vec![expected]);
 
     let sr_bytes = w.store.get(f.sr.as_ref().expect("an SR")).await.unwrap();
     let sc_bytes = w.store.get(f.sc.as_ref().expect("an SC")).await.unwrap();
@@ -374,14 +381,14 @@ async fn the_stage_summarises_each_study_once_it_is_quiet() {
     let bus = InProcBus::new();
     let topics = Topics::default();
     bus.create_topics(&topics.all(), 1).await.unwrap();
-    bus.register_group("fracture.postprocess", &topics.name("scored"))
+    bus.register_group("fracture.postprocess", &topics.of::<Scored>())
         .unwrap();
-    bus.register_group("fracture.postprocess-studies", &topics.name("findings"))
+    bus.register_group("fracture.postprocess-studies", &topics.of::<Finding>())
         .unwrap();
     let mut watcher = bus
         .consumer(
             "watcher",
-            &[topics.name("findings"), topics.name("studies")],
+            &[topics.of::<Finding>(), topics.of::<StudySummary>()],
             "w",
         )
         .await
@@ -414,7 +421,7 @@ async fn the_stage_summarises_each_study_once_it_is_quiet() {
         .send(
             msgs.iter()
                 .map(|s| OutRecord {
-                    topic: topics.name("scored"),
+                    topic: topics.of::<Scored>(),
                     key: s.id.study_instance_uid.clone(),
                     payload: encode(s),
                     headers: vec![],
@@ -433,7 +440,7 @@ async fn the_stage_summarises_each_study_once_it_is_quiet() {
             .await
             .unwrap();
         for r in batch {
-            if r.topic == topics.name("findings") {
+            if r.topic == topics.of::<Finding>() {
                 findings.push(decode::<Finding>(&r.payload).unwrap());
             } else {
                 summaries.push((decode(&r.payload).unwrap(), sent.elapsed()));
@@ -452,7 +459,7 @@ async fn the_stage_summarises_each_study_once_it_is_quiet() {
     assert_eq!(findings.len(), msgs.len());
     assert!(findings.iter().all(|f| f.sr.is_some() && f.sc.is_some()));
     assert!(
-        extra.iter().all(|r| r.topic == topics.name("findings")),
+        extra.iter().all(|r| r.topic == topics.of::<Finding>()),
         "a study was summarised twice"
     );
     assert_eq!(summaries.len(), expect.len(), "{summaries:?}");

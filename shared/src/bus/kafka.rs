@@ -273,20 +273,13 @@ fn retrying<T>(
     what: &str,
     mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>,
 ) -> Result<T, BusError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match call() {
-            Ok(v) => return Ok(v),
-            Err(KafkaError::Transaction(t))
-                if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal() =>
-            {
-                tracing::warn!(error = %t, "{what} did not answer, retrying");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(classify(e)),
-        }
-    }
+    crate::RetryPolicy::default()
+        .retry(&format!("{what} did not answer"))
+        .run_blocking(&mut call, |e| {
+            matches!(e, KafkaError::Transaction(t)
+                if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
+        })
+        .map_err(classify)
 }
 
 /// An owned copy of a consumed Kafka message.

@@ -90,15 +90,16 @@ impl Topics {
     }
     /// Every topic the pipeline uses.
     pub fn all(&self) -> Vec<String> {
+        use crate::messages::*;
         [
-            "deidentified",
-            "preprocessed",
-            "scored",
-            "findings",
-            "studies",
-            "labels",
-            "alerts",
-            "dead-letter",
+            Deidentified::TOPIC,
+            Preprocessed::TOPIC,
+            Scored::TOPIC,
+            Finding::TOPIC,
+            StudySummary::TOPIC,
+            Label::TOPIC,
+            Alert::TOPIC,
+            DeadLetter::TOPIC,
         ]
         .iter()
         .map(|t| self.name(t))

@@ -167,20 +167,7 @@ pub fn to_markdown(e: &Evaluation) -> String {
     s
 }
 
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
+use fracture_shared::html::escape as html_escape;
 
 /// A self-contained HTML page (inline style, no scripts or external assets).
 pub fn to_html(e: &Evaluation) -> String {

@@ -3,12 +3,10 @@
 //! mapped (not held on the heap); each part is spooled, ingested and published
 //! like a C-STORE; the request is answered only after its messages are committed.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Request, State};
@@ -57,7 +55,6 @@ struct Context {
     token: Option<String>,
     max_bytes: u64,
     slots: Arc<Semaphore>,
-    claims: StdMutex<HashSet<PathBuf>>,
     fatal: AtomicBool,
     fatal_notify: Notify,
 }
@@ -93,7 +90,6 @@ pub async fn serve_stow_on(
         token,
         max_bytes: cfg.stow_max_bytes,
         slots: Arc::new(Semaphore::new(cfg.stow_max_requests.max(1))),
-        claims: StdMutex::new(HashSet::new()),
         fatal: AtomicBool::new(false),
         fatal_notify: Notify::new(),
     });
@@ -258,7 +254,14 @@ async fn store(ctx: Arc<Context>, study: Option<String>, request: Request) -> Re
         answers.push(answer);
     }
     if !records.is_empty() {
-        if let Err(e) = publish(&ctx.producer, records).await {
+        let sent = crate::publish_from_door(
+            &ctx.ingest.retry,
+            "STOW-RS transaction did not land",
+            &ctx.producer,
+            records,
+        )
+        .await;
+        if let Err(e) = sent {
             if matches!(e, BusError::Fatal(_)) {
                 ctx.fatal.store(true, Ordering::SeqCst);
                 ctx.fatal_notify.notify_one();
@@ -349,7 +352,7 @@ async fn store_part(
             return fail(reason::OUT_OF_RESOURCES);
         }
     };
-    let claim = Claim::acquire(&ctx.claims, path.clone()).await;
+    let claim = crate::spool::SpoolClaim::acquire(path.clone()).await;
     let (outcome, record, _) = ctx.ingest.process(&Input::File(path.clone())).await;
     if let Err(e) = std::fs::remove_file(&path) {
         // A leftover holds PHI; the next start sweeps it.
@@ -479,58 +482,6 @@ async fn spool(ctx: &Context, object: Bytes) -> std::io::Result<PathBuf> {
     })
     .await
     .map_err(std::io::Error::other)?
-}
-
-/// The same object in two requests at once shares a spool name: the second waits, so the
-/// first's removal cannot pull the file from under it.
-struct Claim<'a> {
-    claims: &'a StdMutex<HashSet<PathBuf>>,
-    path: PathBuf,
-}
-
-impl<'a> Claim<'a> {
-    async fn acquire(claims: &'a StdMutex<HashSet<PathBuf>>, path: PathBuf) -> Claim<'a> {
-        loop {
-            {
-                let mut set = claims.lock().unwrap_or_else(|p| p.into_inner());
-                if set.insert(path.clone()) {
-                    return Claim { claims, path };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut set = self.claims.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.path);
-    }
-}
-
-/// A few quick tries for an aborted or unavailable transaction; beyond that the client's own
-/// retry (after 503) is the better wait.
-async fn publish(
-    producer: &Mutex<Box<dyn Producer>>,
-    records: Vec<OutRecord>,
-) -> Result<(), BusError> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        let result = producer.lock().await.send(records.clone()).await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(BusError::Fatal(m)) => return Err(BusError::Fatal(m)),
-            Err(e) if attempt >= 3 => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "STOW-RS transaction did not land, sending again");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-        }
-    }
 }
 
 /// What a part says it is, from its header (pixel data not read). Values are checked UIDs.

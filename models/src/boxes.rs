@@ -1,10 +1,12 @@
 //! Boxes from the averaged probability map: binarise at the region's threshold, label connected
 //! components, box and score each, keep the best, and map them back to original pixels.
 
-use fracture_shared::messages::{BoundingBox, Geometry};
+use serde::{Deserialize, Serialize};
 
-/// `[postprocess.boxes]`
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+use crate::transform::Placement;
+
+/// `[postprocess.boxes]`; calibration draws its boxes with the same settings.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BoxConfig {
     /// Components smaller than this many map cells are noise.
@@ -30,6 +32,17 @@ pub struct CellBox {
     pub x1: usize,
     pub y1: usize,
     pub area: usize,
+    pub score: f32,
+}
+
+/// A box in original pixels: x0, y0 inclusive; x1, y1 exclusive; its score is the map's maximum
+/// inside.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredBox {
+    pub x0: f64,
+    pub y0: f64,
+    pub x1: f64,
+    pub y1: f64,
     pub score: f32,
 }
 
@@ -86,9 +99,9 @@ pub fn boxes(
     map_size: usize,
     threshold: f32,
     fracture: bool,
-    geometry: &Geometry,
+    placement: &Placement,
     cfg: &BoxConfig,
-) -> Vec<BoundingBox> {
+) -> Vec<ScoredBox> {
     if !fracture || map_size == 0 || map.len() != map_size * map_size {
         return Vec::new();
     }
@@ -111,13 +124,13 @@ pub fn boxes(
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
     found.truncate(cfg.top_k.max(1));
     // Map cell -> model-input pixels -> original pixels.
-    let cell = geometry.size as f64 / map_size as f64;
+    let cell = placement.size as f64 / map_size as f64;
     found
         .into_iter()
         .map(|b| {
-            let (x0, y0) = geometry.to_original(b.x0 as f64 * cell, b.y0 as f64 * cell);
-            let (x1, y1) = geometry.to_original(b.x1 as f64 * cell, b.y1 as f64 * cell);
-            BoundingBox {
+            let [x0, y0, x1, y1] =
+                placement.box_to_original([b.x0, b.y0, b.x1, b.y1].map(|c| c as f64 * cell));
+            ScoredBox {
                 x0,
                 y0,
                 x1,
@@ -132,11 +145,9 @@ pub fn boxes(
 mod tests {
     use super::*;
 
-    fn geometry() -> Geometry {
+    fn placement() -> Placement {
         // 64x64 model input from a 200x100 crop at (10, 20) of a 300x200 image: scale 0.32.
-        Geometry {
-            original_width: 300,
-            original_height: 200,
+        Placement {
             crop: [10, 20, 210, 120],
             scale: 0.32,
             size: 64,
@@ -156,7 +167,7 @@ mod tests {
         map[4 * n] = 0.95; // a single cell: below min_area 2
         let c = components(&map, n, 0.5);
         assert_eq!(c.len(), 3);
-        let b = boxes(&map, n, 0.5, true, &geometry(), &BoxConfig::default());
+        let b = boxes(&map, n, 0.5, true, &placement(), &BoxConfig::default());
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].score, 0.9);
         // Cells 1..3 x 1..3 of an 8-cell map over 64 px: 8 px per cell -> 8..24 px -> /0.32 +crop.
@@ -171,13 +182,13 @@ mod tests {
         let mut map = vec![0.1f32; n * n];
         map[3 * n + 3] = 0.3;
         map[3 * n + 4] = 0.25;
-        let pos = boxes(&map, n, 0.5, true, &geometry(), &BoxConfig::default());
+        let pos = boxes(&map, n, 0.5, true, &placement(), &BoxConfig::default());
         assert_eq!(pos.len(), 1);
         assert_eq!(pos[0].score, 0.3);
-        assert!(boxes(&map, n, 0.5, false, &geometry(), &BoxConfig::default()).is_empty());
+        assert!(boxes(&map, n, 0.5, false, &placement(), &BoxConfig::default()).is_empty());
         // Boxes never leave the crop.
         let full = vec![0.9f32; n * n];
-        let b = boxes(&full, n, 0.5, true, &geometry(), &BoxConfig::default());
+        let b = boxes(&full, n, 0.5, true, &placement(), &BoxConfig::default());
         assert_eq!(
             (b[0].x0, b[0].y0, b[0].x1, b[0].y1),
             (10.0, 20.0, 210.0, 120.0)
@@ -200,7 +211,7 @@ mod tests {
             min_area: 2,
             top_k: 3,
         };
-        let b = boxes(&map, n, 0.5, true, &geometry(), &cfg);
+        let b = boxes(&map, n, 0.5, true, &placement(), &cfg);
         let scores: Vec<f32> = b.iter().map(|b| b.score).collect();
         assert_eq!(scores, vec![0.75, 0.7, 0.65]);
         // top_k 0 still gives a positive its one box.
@@ -209,7 +220,7 @@ mod tests {
             n,
             0.5,
             true,
-            &geometry(),
+            &placement(),
             &BoxConfig {
                 min_area: 2,
                 top_k: 0,
@@ -226,7 +237,7 @@ mod tests {
         map[2 * n + 5] = 0.9; // single cells above the threshold: below min_area
         map[6 * n + 1] = 0.8;
         map[2 * n + 6] = 0.5; // above half the maximum, beside it: part of its region
-        let b = boxes(&map, n, 0.7, true, &geometry(), &BoxConfig::default());
+        let b = boxes(&map, n, 0.7, true, &placement(), &BoxConfig::default());
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].score, 0.9);
         // Cells 5..7 x 2..3: 8 px per cell -> x 40..56, y 16..24 model px.
@@ -239,6 +250,14 @@ mod tests {
 
     #[test]
     fn a_map_of_the_wrong_size_gives_no_boxes() {
-        assert!(boxes(&[0.9; 10], 4, 0.5, true, &geometry(), &BoxConfig::default()).is_empty());
+        assert!(boxes(
+            &[0.9; 10],
+            4,
+            0.5,
+            true,
+            &placement(),
+            &BoxConfig::default()
+        )
+        .is_empty());
     }
 }

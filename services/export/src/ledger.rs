@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
 
-use fracture_ingest::linkage::{edge_database, EdgeDbError};
+use fracture_edge::{edge_database, EdgeDbError};
 
 const WHAT: &str = "export ledger";
 

@@ -1,4 +1,5 @@
-//! The statistics: Mann-Whitney AUC, Wilson intervals and a stratified, seeded bootstrap.
+//! The statistics the evaluation, the audit dashboard, drift detection and training share:
+//! Mann-Whitney AUC, Wilson intervals and a stratified, seeded bootstrap.
 
 /// The two-sided 95% normal quantile (scipy's `norm.isf(0.025)`), as statsmodels uses it.
 pub const Z95: f64 = 1.959963984540054;
@@ -62,7 +63,7 @@ pub fn wilson(successes: u64, n: u64) -> Option<(f64, f64)> {
 
 /// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast, and good enough for resampling indices.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix64(u64);
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
@@ -83,14 +84,14 @@ impl SplitMix64 {
 }
 
 /// SplitMix64's finaliser: a bijective 64-bit hash.
-pub(crate) fn mix64(mut z: u64) -> u64 {
+pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
 /// FNV-1a, to give each population its own random stream from one seed.
-pub(crate) fn fnv1a(text: &str) -> u64 {
+pub fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
@@ -98,7 +99,7 @@ pub(crate) fn fnv1a(text: &str) -> u64 {
 
 /// One scored radiograph as the bootstrap sees it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Item {
+pub struct Item {
     pub score: f64,
     pub truth: bool,
     pub call: bool,
@@ -106,7 +107,7 @@ pub(crate) struct Item {
 
 /// What one resample yields.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Sample {
+pub struct Sample {
     /// `None` when the sample lacks a class (then every resample does).
     pub auc: Option<f64>,
     pub ppv: Option<f64>,
@@ -119,7 +120,7 @@ const GROUP_MASK: u32 = CALL_BIT - 1;
 /// Items sorted once by score into tie groups. A resample then only needs how many times each
 /// group was drawn among positives and among negatives: the U statistic follows in one pass over
 /// the groups in score order, O(n) per resample instead of a sort.
-pub(crate) struct Prepared {
+pub struct Prepared {
     groups: usize,
     /// Per positive: its tie group, with the model's call in the top bit.
     positives: Vec<u32>,
@@ -127,9 +128,19 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The most items [`Prepared::new`] takes: a tie-group index is packed into 31 bits.
+    pub const MAX_ITEMS: usize = (1 << 31) - 1;
+
     /// `items` must already be in ascending score order (ties in any fixed order).
-    /// Fewer than 2^31 items (checked by the caller).
+    ///
+    /// # Panics
+    /// With more than [`Prepared::MAX_ITEMS`] items; a caller refuses those with a message first.
     pub fn new(items: &[Item]) -> Self {
+        assert!(
+            items.len() <= Self::MAX_ITEMS,
+            "{} items exceed the bootstrap's 2^31 - 1",
+            items.len()
+        );
         let mut positives = Vec::new();
         let mut negatives = Vec::new();
         let mut group: u32 = 0;
@@ -226,7 +237,7 @@ impl Prepared {
 
 /// The percentile interval (2.5th, 97.5th) of `values`, interpolating linearly between order
 /// statistics as numpy's default `percentile` does. `None` when `values` is empty.
-pub(crate) fn percentile_ci(mut values: Vec<f64>) -> Option<(f64, f64)> {
+pub fn percentile_ci(mut values: Vec<f64>) -> Option<(f64, f64)> {
     if values.is_empty() {
         return None;
     }

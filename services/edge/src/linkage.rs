@@ -1,7 +1,7 @@
 //! The linkage table: pseudonym -> original identifiers and source. The site's re-identification
 //! key: it stays at the edge, in its own SQLite database readable by its owner only (mode 0600),
-//! so that results can go back to the right patient (the exporter in `fracture serve postprocess`
-//! reads it with [`LinkageReader`]) and refused inputs can be traced to their files.
+//! so that results can go back to the right patient (`fracture serve export` reads it with
+//! [`LinkageReader`]) and refused inputs can be traced to their files.
 //!
 //! Two tables:
 //! - `inputs`: every input ingest published something for (a radiograph or a dead letter): its
@@ -18,14 +18,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 // Dynamic SQL here is built from compile-time names only (the columns of
 // `Originals::ATTRIBUTES`); every value is a bound parameter.
 use sqlx::{AssertSqlSafe, Row};
 
-pub use crate::deid::Originals;
+use crate::db::{edge_database, EdgeDbError};
+pub use crate::originals::Originals;
 
 /// One input as ingest recorded it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,17 +52,6 @@ pub struct Link {
     pub original: Originals,
 }
 
-/// An edge database (the linkage table, the exporter's ledger) that cannot be opened, read or
-/// written. The message names the file and the problem, never a row's values.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} {path}: {message}")]
-pub struct EdgeDbError {
-    /// What the file is, e.g. "linkage table".
-    pub what: &'static str,
-    pub path: String,
-    pub message: String,
-}
-
 pub type LinkageError = EdgeDbError;
 
 const LINKAGE: &str = "linkage table";
@@ -77,9 +65,6 @@ fn error(path: &Path, message: impl std::fmt::Display) -> LinkageError {
 }
 
 const SCHEMA_VERSION: i64 = 1;
-
-/// The first line of the CSV linkage tables of earlier releases.
-const CSV_HEADER: &[u8] = b"input,source,";
 
 fn original_column(field: &str) -> String {
     format!("original_{field}")
@@ -116,69 +101,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Creates `path` (and its folder) with mode 0600 if missing, and makes an existing one 0600.
-/// SQLite gives its `-wal` and `-shm` files the mode of the database file.
-pub fn create_private(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    drop(opts.open(path)?);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
-
-/// Opens (creating, mode 0600) a SQLite database for data that stays at the edge: write-ahead
-/// log, every commit on disk before it returns, one connection (writes are serialised here
-/// instead of contending for SQLite's lock).
-pub async fn edge_database(path: &Path, what: &'static str) -> Result<SqlitePool, EdgeDbError> {
-    let fail = |message: String| EdgeDbError {
-        what,
-        path: path.display().to_string(),
-        message,
-    };
-    create_private(path).map_err(|e| fail(format!("cannot create it with mode 0600: {e}")))?;
-    let options = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10));
-    SqlitePoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options)
-        .await
-        .map_err(|e| fail(format!("cannot open: {e}")))
-}
-
-/// Refuses a CSV linkage table of an earlier release, saying what to do.
-fn refuse_csv(path: &Path) -> Result<(), LinkageError> {
-    let mut head = [0u8; 13];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .unwrap_or(0);
-    if head[..n].starts_with(CSV_HEADER) {
-        return Err(error(
-            path,
-            "this is a CSV linkage table of an earlier release; the linkage table is now a \
-             SQLite database: point ingest.linkage at a new file (e.g. linkage.db) and keep this \
-             CSV, which still maps the inputs it lists",
-        ));
-    }
-    Ok(())
-}
-
 /// The writer: ingest's handle on its linkage table.
 pub struct Linkage {
     path: PathBuf,
@@ -188,7 +110,6 @@ pub struct Linkage {
 impl Linkage {
     /// Opens (creating, mode 0600) the linkage database at `path`.
     pub async fn open(path: &Path) -> Result<Self, LinkageError> {
-        refuse_csv(path)?;
         let pool = edge_database(path, LINKAGE).await?;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&pool)
@@ -534,23 +455,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_missing_table_or_an_old_csv_says_what_to_do() {
+    async fn a_missing_table_or_a_file_that_is_not_one_is_refused_and_kept() {
         let d = tempfile::tempdir().unwrap();
         let e = LinkageReader::new(&d.path().join("nope.db"))
             .lookup("2.25.1")
             .await
             .unwrap_err();
         assert!(e.to_string().contains("fracture serve ingest"), "{e}");
-        let csv = d.path().join("linkage.csv");
-        std::fs::write(&csv, "input,source,study_instance_uid\nin-1,/a.dcm,1.2\n").unwrap();
-        let e = Linkage::open(&csv).await.err().expect("refused");
+        let text = d.path().join("linkage.csv");
+        std::fs::write(&text, "input,source,study_instance_uid\nin-1,/a.dcm,1.2\n").unwrap();
+        let e = Linkage::open(&text).await.err().expect("refused");
+        assert!(e.to_string().contains("linkage.csv"), "{e}");
         assert!(
-            e.to_string().contains("point ingest.linkage at a new file"),
-            "{e}"
-        );
-        assert!(
-            std::fs::read_to_string(&csv).unwrap().contains("in-1"),
-            "the CSV is kept"
+            std::fs::read_to_string(&text).unwrap().contains("in-1"),
+            "the file is kept"
         );
     }
 }

@@ -11,7 +11,9 @@ use hyper::header::{CONTENT_TYPE, RETRY_AFTER, WARNING};
 use serde_json::{Map, Value};
 
 use fracture_shared::bus::{BusError, OutRecord, Producer};
+use fracture_shared::retry::sleep_unless_stopped;
 use fracture_shared::stage::Shutdown;
+use fracture_shared::RetryPolicy;
 
 use super::http::{auth_header, tls_connector, Client, Endpoint, HttpError, Reply};
 use super::multipart::{self, MediaType};
@@ -79,7 +81,6 @@ const MAX_QIDO_BYTES: u64 = 64 << 20;
 /// Server errors (500, 502, 504) on one request before it is given up; busy answers (503, 429)
 /// and unreachable servers are waited out for as long as it takes.
 const SERVER_ERROR_ATTEMPTS: u32 = 5;
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 const STUDY_UID: &str = "0020000D";
 const SERIES_UID: &str = "0020000E";
@@ -91,13 +92,13 @@ struct Scanner<'a> {
     cfg: &'a DicomwebConfig,
     client: Client,
     stop: Option<&'a Shutdown>,
+    retry: RetryPolicy,
     as_stored: bool,
 }
 
 /// Scans the PACS at `cfg.url`: every instance of a CR or DX storage class in the series of
 /// `cfg.modalities` in the studies that match `cfg.study_dates`, `batch` inputs per
-/// transaction. Instances whose reference is in `done` (see [`instance_input`]; or, as earlier
-/// releases named them, the spool file's [`Ingest::input_id`]) are skipped.
+/// transaction. Instances whose reference is in `done` (see [`instance_input`]) are skipped.
 /// When `stop` is set it publishes what it has and returns (`complete: false`).
 pub async fn back_scan(
     cfg: &DicomwebConfig,
@@ -109,7 +110,7 @@ pub async fn back_scan(
     mut progress: impl FnMut(Outcome, u64),
 ) -> Result<ScanReport, ScanError> {
     cfg.validate_scan()?;
-    let endpoint = Endpoint::parse(&cfg.url).map_err(ConfigError)?;
+    let endpoint = Endpoint::parse(&cfg.url)?;
     let auth = if cfg.auth_header_file.trim().is_empty() {
         None
     } else {
@@ -125,7 +126,7 @@ pub async fn back_scan(
         )
     };
     let tls = if endpoint.https {
-        Some(tls_connector(&cfg.ca_file).map_err(ConfigError)?)
+        Some(tls_connector(&cfg.ca_file)?)
     } else if !cfg.ca_file.trim().is_empty() {
         return Err(ConfigError(
             "ingest.dicomweb.ca_file is set but ingest.dicomweb.url is http://; use the PACS's https:// URL (or leave ca_file empty)".into(),
@@ -141,6 +142,7 @@ pub async fn back_scan(
         cfg,
         client: Client::new(endpoint, auth, cfg.timeout(), tls),
         stop,
+        retry: ingest.retry,
         as_stored: true,
     };
     let mut report = ScanReport::default();
@@ -158,7 +160,7 @@ pub async fn back_scan(
         .await;
     // What was ingested is published whatever ended the scan, so it is never fetched twice.
     if !pending.is_empty() {
-        send(producer, pending).await?;
+        send(&ingest.retry, producer, pending).await?;
     }
     match result {
         Ok(()) => report.complete = true,
@@ -246,10 +248,7 @@ impl Scanner<'_> {
                     report.instances += 1;
                     let reference = instance_reference(self.cfg, study, &series, &instance);
                     let (path, input) = spool_and_input(ingest, self.cfg, &reference);
-                    // Before references derived from the URL alone, they derived from the spool
-                    // file's path: what an earlier release published is recognised too.
-                    let legacy = || done.contains(&ingest.input_id(&path));
-                    if done.contains(&input) || legacy() || !seen.insert(input.clone()) {
+                    if done.contains(&input) || !seen.insert(input.clone()) {
                         report.ingest.resumed += 1;
                         progress(Outcome::Resumed, 0);
                         continue;
@@ -287,7 +286,7 @@ impl Scanner<'_> {
                     pending.extend(record);
                     progress(outcome, bytes);
                     if pending.len() >= batch.max(1) {
-                        send(producer, std::mem::take(pending)).await?;
+                        send(&ingest.retry, producer, std::mem::take(pending)).await?;
                     }
                 }
             }
@@ -592,9 +591,11 @@ impl Scanner<'_> {
         accept: &str,
         max: u64,
     ) -> Result<Result<Reply, u64>, Halt> {
-        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
         let mut server_errors = 0;
         loop {
+            attempt += 1;
+            let delay = self.retry.backoff(attempt);
             if self.stop.is_some_and(Shutdown::is_set) {
                 return Err(Halt::Stop);
             }
@@ -633,23 +634,14 @@ impl Scanner<'_> {
                 Ok(r) => return Ok(Ok(r)),
             };
             self.sleep(wait).await?;
-            delay = (delay * 2).min(BACKOFF_CAP);
         }
     }
 
     async fn sleep(&self, d: Duration) -> Result<(), Halt> {
-        match self.stop {
-            Some(s) => {
-                let mut s = s.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => Ok(()),
-                    _ = s.wait() => Err(Halt::Stop),
-                }
-            }
-            None => {
-                tokio::time::sleep(d).await;
-                Ok(())
-            }
+        if sleep_unless_stopped(d, self.stop).await {
+            Ok(())
+        } else {
+            Err(Halt::Stop)
         }
     }
 }
@@ -704,19 +696,19 @@ fn uid_of(obj: &Map<String, Value>, tag: &str) -> Option<String> {
 }
 
 /// A source has no offsets to rewind: an aborted transaction is simply sent again.
-async fn send(producer: &mut dyn Producer, records: Vec<OutRecord>) -> Result<(), ScanError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match producer.send(records.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(BusError::Fatal(m)) => return Err(BusError::Fatal(m).into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "back-scan transaction did not land, sending again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_CAP);
-            }
-        }
-    }
+async fn send(
+    retry: &RetryPolicy,
+    producer: &mut dyn Producer,
+    records: Vec<OutRecord>,
+) -> Result<(), ScanError> {
+    crate::send_with_retry(
+        retry,
+        "back-scan transaction did not land",
+        producer,
+        records,
+    )
+    .await
+    .map_err(Into::into)
 }
 
 /// Studies found so far, in the order found.

@@ -1,4 +1,4 @@
-//! Re-identification at the edge: a de-identified SR or Secondary Capture made by this stage,
+//! Re-identification at the edge: a de-identified SR or Secondary Capture made by post-processing,
 //! turned into one a PACS files under the original patient and study.
 //!
 //! What changes (everything else, the result included, stays as it was):
@@ -24,11 +24,12 @@ use dicom_core::{DataElement, Length, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject};
 
-use fracture_ingest::linkage::{Link, Originals};
+use fracture_shared::dicom_outputs::reference_date_time;
 use fracture_shared::error::StageError;
 use fracture_shared::pixels;
 
-use crate::dicom::reference_date_time;
+use crate::linkage::Link;
+use crate::originals::Originals;
 
 /// The Patient and General Study attributes written back from the linkage table.
 pub const RESTORED: &[&str] = &[
@@ -143,40 +144,168 @@ pub fn reidentify(part10: &[u8], link: &Link) -> Result<DefaultDicomObject, Stag
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dicom::{to_part10, OutputUids, Source};
-    use crate::sc::{secondary_capture, Rgb};
-    use crate::sr::structured_report;
     use dicom_dictionary_std::uids;
-    use fracture_shared::messages::BoundingBox;
+    use dicom_object::mem::InMemElement;
+    use dicom_object::FileMetaTableBuilder;
+    use fracture_shared::dicom_outputs::{derived_uid, OutputUids};
 
-    /// A de-identified radiograph as ingest leaves it (odd-length UIDs: padded, easy to find).
-    fn deidentified() -> DefaultDicomObject {
-        let text = |tag, vr, v: &str| DataElement::new(tag, vr, PrimitiveValue::from(v));
-        let obj = InMemDicomObject::from_element_iter([
+    const MODEL: &str = "demo-1";
+
+    fn text(tag: dicom_core::Tag, vr: VR, v: &str) -> InMemElement {
+        DataElement::new(tag, vr, PrimitiveValue::from(v))
+    }
+
+    fn sequence(tag: dicom_core::Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+        DataElement::new(tag, VR::SQ, DataSetSequence::new(items, Length::UNDEFINED))
+    }
+
+    /// The source radiograph as a Referenced SOP item (de-identified UIDs of odd length: padded
+    /// with NUL when written, so easy to find in the bytes).
+    fn referenced_source() -> InMemDicomObject {
+        InMemDicomObject::from_element_iter([
             text(
-                tags::SOP_CLASS_UID,
+                tags::REFERENCED_SOP_CLASS_UID,
                 VR::UI,
                 uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PRESENTATION,
             ),
-            text(tags::SOP_INSTANCE_UID, VR::UI, "2.25.9003"),
-            text(tags::STUDY_INSTANCE_UID, VR::UI, "2.25.9001"),
-            text(tags::SERIES_INSTANCE_UID, VR::UI, "2.25.9002"),
+            text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, "2.25.9003"),
+        ])
+    }
+
+    /// What post-processing writes on a result from the de-identified radiograph: its patient
+    /// and study attributes (Type 2 ones it lacks written empty) and the content date it takes
+    /// from the radiograph's series date.
+    fn result(class: &str, instance: &str, series: &str) -> InMemDicomObject {
+        InMemDicomObject::from_element_iter([
+            text(tags::SOP_CLASS_UID, VR::UI, class),
+            text(tags::SOP_INSTANCE_UID, VR::UI, instance),
+            text(tags::CONTENT_DATE, VR::DA, "20180304"),
+            text(tags::CONTENT_TIME, VR::TM, "101010"),
             text(tags::PATIENT_NAME, VR::PN, "ANON0A1B2C3D4E5F"),
             text(tags::PATIENT_ID, VR::LO, "ANON0A1B2C3D4E5F"),
+            text(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
             text(tags::PATIENT_SEX, VR::CS, "F"),
-            text(tags::PATIENT_AGE, VR::AS, "041Y"),
             text(tags::PATIENT_IDENTITY_REMOVED, VR::CS, "YES"),
             text(
                 tags::DEIDENTIFICATION_METHOD,
                 VR::LO,
                 "fracture PS3.15 E.1 Basic",
             ),
+            text(tags::PATIENT_AGE, VR::AS, "041Y"),
+            text(tags::STUDY_INSTANCE_UID, VR::UI, "2.25.9001"),
             text(tags::STUDY_DATE, VR::DA, "20180303"),
-            text(tags::SERIES_DATE, VR::DA, "20180304"),
-            text(tags::SERIES_TIME, VR::TM, "101010"),
+            text(tags::STUDY_TIME, VR::TM, ""),
+            text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
+            text(tags::STUDY_ID, VR::SH, ""),
             text(tags::ACCESSION_NUMBER, VR::SH, ""),
+            text(tags::SERIES_INSTANCE_UID, VR::UI, series),
+        ])
+    }
+
+    fn image_item(relationship: &str) -> InMemDicomObject {
+        InMemDicomObject::from_element_iter([
+            text(tags::RELATIONSHIP_TYPE, VR::CS, relationship),
+            text(tags::VALUE_TYPE, VR::CS, "IMAGE"),
+            sequence(tags::REFERENCED_SOP_SEQUENCE, vec![referenced_source()]),
+        ])
+    }
+
+    /// A Comprehensive SR shaped as post-processing writes it: the source in the evidence, in an
+    /// IMAGE item and as the image a box's SCOORD is selected from; a tracking UID of its own.
+    fn structured_report(ids: &OutputUids) -> Vec<u8> {
+        let mut obj = result(
+            uids::COMPREHENSIVE_SR_STORAGE,
+            &ids.sr_instance,
+            &ids.sr_series,
+        );
+        obj.put(text(tags::MODALITY, VR::CS, "SR"));
+        let series = InMemDicomObject::from_element_iter([
+            text(tags::SERIES_INSTANCE_UID, VR::UI, "2.25.9002"),
+            sequence(tags::REFERENCED_SOP_SEQUENCE, vec![referenced_source()]),
         ]);
-        to_part10(obj).unwrap().0
+        let evidence = InMemDicomObject::from_element_iter([
+            text(tags::STUDY_INSTANCE_UID, VR::UI, "2.25.9001"),
+            sequence(tags::REFERENCED_SERIES_SEQUENCE, vec![series]),
+        ]);
+        obj.put(sequence(
+            tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+            vec![evidence],
+        ));
+        let tracking = InMemDicomObject::from_element_iter([
+            text(tags::RELATIONSHIP_TYPE, VR::CS, "HAS OBS CONTEXT"),
+            text(tags::VALUE_TYPE, VR::CS, "UIDREF"),
+            text(tags::UID, VR::UI, &tracking_uid()),
+        ]);
+        let scoord = InMemDicomObject::from_element_iter([
+            text(tags::RELATIONSHIP_TYPE, VR::CS, "CONTAINS"),
+            text(tags::VALUE_TYPE, VR::CS, "SCOORD"),
+            text(tags::GRAPHIC_TYPE, VR::CS, "POLYLINE"),
+            DataElement::new(
+                tags::GRAPHIC_DATA,
+                VR::FL,
+                PrimitiveValue::F32(
+                    [1.0f32, 2.0, 3.0, 2.0, 3.0, 4.0, 1.0, 4.0, 1.0, 2.0]
+                        .into_iter()
+                        .collect(),
+                ),
+            ),
+            sequence(tags::CONTENT_SEQUENCE, vec![image_item("SELECTED FROM")]),
+        ]);
+        let group = InMemDicomObject::from_element_iter([
+            text(tags::RELATIONSHIP_TYPE, VR::CS, "CONTAINS"),
+            text(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
+            sequence(
+                tags::CONTENT_SEQUENCE,
+                vec![tracking, image_item("CONTAINS"), scoord],
+            ),
+        ]);
+        obj.put(text(tags::VALUE_TYPE, VR::CS, "CONTAINER"));
+        obj.put(sequence(tags::CONTENT_SEQUENCE, vec![group]));
+        part10(obj)
+    }
+
+    /// A Secondary Capture shaped as post-processing writes it: the source as its source image.
+    fn secondary_capture(ids: &OutputUids) -> Vec<u8> {
+        let mut obj = result(
+            uids::SECONDARY_CAPTURE_IMAGE_STORAGE,
+            &ids.sc_instance,
+            &ids.sc_series,
+        );
+        obj.put(text(tags::MODALITY, VR::CS, "OT"));
+        obj.put(sequence(
+            tags::SOURCE_IMAGE_SEQUENCE,
+            vec![referenced_source()],
+        ));
+        for (tag, v) in [
+            (tags::SAMPLES_PER_PIXEL, 3u16),
+            (tags::PLANAR_CONFIGURATION, 0),
+            (tags::ROWS, 2),
+            (tags::COLUMNS, 4),
+            (tags::BITS_ALLOCATED, 8),
+            (tags::BITS_STORED, 8),
+            (tags::HIGH_BIT, 7),
+            (tags::PIXEL_REPRESENTATION, 0),
+        ] {
+            obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+        }
+        obj.put(text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB"));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(vec![7u8; 24]),
+        ));
+        part10(obj)
+    }
+
+    fn tracking_uid() -> String {
+        derived_uid(&["fracture-tracking", "2.25.9003", MODEL, "fracture finding"])
+    }
+
+    fn part10(obj: InMemDicomObject) -> Vec<u8> {
+        let file = obj
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+            .unwrap();
+        pixels::write_object(&file).unwrap()
     }
 
     fn link() -> Link {
@@ -203,8 +332,11 @@ mod tests {
         }
     }
 
-    fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> String {
-        crate::dicom::string(obj, tag).unwrap_or_default()
+    fn value(obj: &InMemDicomObject, tag: dicom_core::Tag) -> String {
+        obj.get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches('\0').trim().to_string())
+            .unwrap_or_default()
     }
 
     /// Every value of `tag` anywhere in `obj`.
@@ -229,19 +361,8 @@ mod tests {
 
     #[test]
     fn a_structured_report_goes_back_to_its_patient_study_and_image() {
-        let finding = crate::sc::tests::finding(
-            true,
-            vec![BoundingBox {
-                x0: 1.0,
-                y0: 2.0,
-                x1: 3.0,
-                y1: 4.0,
-                score: 0.9,
-            }],
-        );
-        let source = Source::read(&deidentified()).unwrap();
-        let ids = OutputUids::new("2.25.9001", "2.25.9003", &finding.model_version);
-        let (_, sr) = to_part10(structured_report(&source, &finding, &ids)).unwrap();
+        let ids = OutputUids::new("2.25.9001", "2.25.9003", MODEL);
+        let sr = structured_report(&ids);
         let obj = reidentify(&sr, &link()).unwrap();
         let o = link().original;
         for (tag, want) in [
@@ -260,7 +381,7 @@ mod tests {
             (tags::SOP_INSTANCE_UID, ids.sr_instance.as_str()),
             (tags::SERIES_INSTANCE_UID, ids.sr_series.as_str()),
         ] {
-            assert_eq!(text(&obj, tag), want, "{tag}");
+            assert_eq!(value(&obj, tag), want, "{tag}");
         }
         assert_eq!(
             obj.meta()
@@ -283,6 +404,10 @@ mod tests {
         let mut series = Vec::new();
         everywhere(&obj, tags::SERIES_INSTANCE_UID, &mut series);
         assert!(series.contains(&o.series_instance_uid), "{series:?}");
+        // UIDs that are not the radiograph's stay as they were.
+        let mut uid_refs = Vec::new();
+        everywhere(&obj, tags::UID, &mut uid_refs);
+        assert_eq!(uid_refs, [tracking_uid()]);
         let (before, after) = (String::from_utf8_lossy(&sr), written(&obj));
         for pseudonym in [
             "2.25.9001\0",
@@ -300,29 +425,30 @@ mod tests {
 
     #[test]
     fn a_secondary_capture_goes_back_to_its_patient_and_source_image() {
-        let finding = crate::sc::tests::finding(false, vec![]);
-        let source = Source::read(&deidentified()).unwrap();
-        let ids = OutputUids::new("2.25.9001", "2.25.9003", &finding.model_version);
-        let rgb = Rgb {
-            width: 4,
-            height: 2,
-            data: vec![7; 24],
-        };
-        let (_, sc) =
-            to_part10(secondary_capture(&source, &finding, &ids, &rgb, 0).unwrap()).unwrap();
+        let ids = OutputUids::new("2.25.9001", "2.25.9003", MODEL);
+        let sc = secondary_capture(&ids);
         let mut l = link();
         // An original without dates: the result keeps the content date it was made with.
         for f in ["study_date", "study_time", "series_date", "series_time"] {
             l.original.get_mut(f).unwrap().clear();
         }
         let obj = reidentify(&sc, &l).unwrap();
-        assert_eq!(text(&obj, tags::PATIENT_ID), "PAT-7");
-        assert_eq!(text(&obj, tags::STUDY_DATE), "");
-        assert_eq!(text(&obj, tags::CONTENT_DATE), "20180304");
+        assert_eq!(value(&obj, tags::PATIENT_ID), "PAT-7");
+        assert_eq!(value(&obj, tags::STUDY_DATE), "");
+        assert_eq!(value(&obj, tags::CONTENT_DATE), "20180304");
         let mut refs = Vec::new();
         everywhere(&obj, tags::REFERENCED_SOP_INSTANCE_UID, &mut refs);
         assert_eq!(refs, [l.original.sop_instance_uid.clone()]);
-        assert_eq!(text(&obj, tags::SOP_INSTANCE_UID), ids.sc_instance);
+        assert_eq!(value(&obj, tags::SOP_INSTANCE_UID), ids.sc_instance);
+        assert_eq!(
+            obj.element(tags::PIXEL_DATA)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .as_ref(),
+            &[7u8; 24][..],
+            "the pixels are the result's"
+        );
         assert!(reidentify(b"not dicom", &l).is_err());
     }
 }

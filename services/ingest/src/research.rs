@@ -1,4 +1,4 @@
-//! `fracture deid`: the ingest de-identification as a standalone export for research, folder to
+//! `fracture deid`: the ingest de-identification as a standalone research copy, folder to
 //! folder, keeping each file's path relative to the folder it was found under.
 
 use std::io::Write;
@@ -10,9 +10,9 @@ use crate::deid::passthrough::{self, Cleaned, Source};
 use crate::deid::DeidPolicy;
 use crate::walk::{walk, Input};
 
-/// What an export did.
+/// What a research copy did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ExportReport {
+pub struct CopyReport {
     pub written: u64,
     pub refused: u64,
     pub skipped: u64,
@@ -85,14 +85,14 @@ enum Done {
 }
 
 /// De-identifies every DICOM file under `roots` into `out`; `progress` is called per input.
-pub fn export(
+pub fn copy_deidentified(
     roots: &[PathBuf],
     out: &Path,
     policy: &DeidPolicy,
     mut progress: impl FnMut(u64),
-) -> std::io::Result<(ExportReport, Vec<Refused>)> {
+) -> std::io::Result<(CopyReport, Vec<Refused>)> {
     std::fs::create_dir_all(out)?;
-    let mut report = ExportReport::default();
+    let mut report = CopyReport::default();
     let mut refused = Vec::new();
     // Files are parsed, de-identified and encoded on every core, a chunk at a time so memory
     // stays bounded (at most one file per core in flight) and results are handled in walk order.

@@ -1,24 +1,24 @@
 //! Export back to the hospital: each finding's DICOM SR and Secondary Capture, re-identified at
-//! the edge with ingest's linkage table, sent by C-STORE to the PACS of `[postprocess.export]`.
+//! the edge with ingest's linkage table, sent by C-STORE to the PACS of `[export]`.
 //!
-//! **Where it runs.** In `fracture serve postprocess`, as its own consumer of `fracture.findings`
-//! (consumer group `<prefix>.export`, transactional id `<prefix>.export.<instance>`), beside the
-//! stage that writes the findings, not inside that stage's handler. Inside the handler, a PACS
-//! that is down would hold back every finding (and so the clinician's answer, the audit and the
-//! study summaries) behind the export, which DESIGN.md rules out: a result is never held back for
-//! its DICOM rendering, nor for its delivery to a PACS. As a separate consumer, the export is
-//! only as late as the PACS makes it, and the same delivery guarantee holds for it: its offset is
-//! committed only after a batch's exports have finished, so a PACS outage, a crash or a restart
-//! loses no finding (it comes again from the committed offset).
+//! **Where it runs.** `fracture serve export`, its own stage at the hospital's edge (where the
+//! linkage table is), consuming `fracture.findings` (consumer group `<prefix>.export`,
+//! transactional id `<prefix>.export.<instance>`) beside post-processing, never inside it. Inside
+//! post-processing's handler, a PACS that is down would hold back every finding (and so the
+//! clinician's answer, the audit and the study summaries) behind the export, which DESIGN.md
+//! rules out: a result is never held back for its DICOM rendering, nor for its delivery to a PACS.
+//! As a separate consumer, the export is only as late as the PACS makes it, and the same delivery
+//! guarantee holds for it: its offset is committed only after a batch's exports have finished, so
+//! a PACS outage, a crash or a restart loses no finding (it comes again from the committed offset).
 //!
 //! **Idempotent by SOP Instance UID.** The SR's and SC's SOP Instance UIDs are derived from the
 //! finding's pseudonymous study and SOP Instance UIDs and the model version
-//! ([`crate::dicom::OutputUids`]), so a re-run of the pipeline or a finding delivered twice names
-//! the same objects. The [`ledger::Ledger`] (SQLite at the edge) records each object before it
-//! is sent and the PACS's status once it answers; an object the ledger has finished is not sent
-//! again, only counted as a redelivery. The one window left (a crash after the PACS stored an
-//! object and before its status was recorded) sends it again under the same SOP Instance UID,
-//! which a PACS keeps once, and the ledger counts the second send.
+//! ([`OutputUids`], the derivation post-processing writes them with), so a re-run of the pipeline
+//! or a finding delivered twice names the same objects. The [`ledger::Ledger`] (SQLite at the
+//! edge) records each object before it is sent and the PACS's status once it answers; an object
+//! the ledger has finished is not sent again, only counted as a redelivery. The one window left (a
+//! crash after the PACS stored an object and before its status was recorded) sends it again under
+//! the same SOP Instance UID, which a PACS keeps once, and the ledger counts the second send.
 //!
 //! **When the PACS is down** (no connection, association rejected or aborted, a timeout, or an
 //! out-of-resources status), the finding fails as an external error: the stage runner retries it
@@ -34,8 +34,8 @@
 //! **PHI** exists only in memory here, between the linkage table and the PACS: logs, metrics and
 //! errors name pseudonymous UIDs, the PACS's address and status codes, never an original value.
 
+pub mod config;
 pub mod ledger;
-pub mod reid;
 pub mod scu;
 
 use std::path::PathBuf;
@@ -45,110 +45,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use prometheus::{IntCounterVec, Opts};
 
-use fracture_ingest::linkage::LinkageReader;
+use fracture_edge::linkage::LinkageReader;
+use fracture_edge::reid;
 use fracture_shared::bus::{BusError, Record};
+use fracture_shared::dicom_outputs::OutputUids;
 use fracture_shared::error::StageError;
 use fracture_shared::messages::{decode, BlobRef, Finding};
-use fracture_shared::stage::{BatchConfig, Output, RecordHandler, StageEnv, StageFailed};
+use fracture_shared::stage::{Output, RecordHandler, StageEnv, StageFailed};
 use fracture_shared::store::BlobStore;
 
-use crate::dicom::OutputUids;
+pub use config::ExportConfig;
 use ledger::{Ledger, State};
 use scu::{Pacs, Status};
 
-/// The export consumer's name: its consumer group, transactional id and metrics label.
+/// The stage's name: `fracture serve export`, its consumer group, transactional id and metrics
+/// label.
 pub const STAGE: &str = "export";
-
-/// `[postprocess.export]`: present, it turns the export on.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExportConfig {
-    /// The PACS: `AE_TITLE@host:port`, e.g. `ORTHANC@127.0.0.1:4242`.
-    pub pacs: String,
-    /// Our AE title, as the PACS knows us.
-    pub calling_ae_title: String,
-    /// Ingest's linkage table (`ingest.linkage`), or a folder of them (`*.db`, one per ingest
-    /// replica). Read only.
-    pub linkage: String,
-    /// The export ledger (SQLite, created with mode 0600): what was sent and what the PACS said.
-    pub ledger: String,
-    /// Limit on connecting and negotiating an association, in milliseconds.
-    pub connect_timeout_ms: u64,
-    /// Limit on each send to and answer from the PACS, in milliseconds.
-    pub timeout_ms: u64,
-    /// Findings per batch (one transaction) of the export consumer.
-    pub batch: BatchConfig,
-    /// DICOM TLS to the PACS (PS3.15 B.1): its certificate is verified against the system's
-    /// roots and `tls_ca_file`, for the host of `pacs`.
-    pub tls: bool,
-    /// A PEM bundle of CAs trusted besides the system's (e.g. the hospital's internal CA).
-    pub tls_ca_file: String,
-    /// Our certificate chain and key (PEM), for a PACS that requires client certificates.
-    pub tls_cert_file: String,
-    pub tls_key_file: String,
-}
-
-impl Default for ExportConfig {
-    fn default() -> Self {
-        Self {
-            pacs: String::new(),
-            calling_ae_title: "FRACTURE".into(),
-            linkage: "fracture-linkage.db".into(),
-            ledger: "fracture-export-ledger.db".into(),
-            connect_timeout_ms: 10_000,
-            timeout_ms: 60_000,
-            batch: BatchConfig::default(),
-            tls: false,
-            tls_ca_file: String::new(),
-            tls_cert_file: String::new(),
-            tls_key_file: String::new(),
-        }
-    }
-}
-
-impl ExportConfig {
-    /// Checks what can be checked before the first finding, saying what to fix.
-    pub fn validate(&self) -> Result<Pacs, String> {
-        let pacs = Pacs::parse(&self.pacs).map_err(|e| format!("postprocess.export.pacs: {e}"))?;
-        let calling = &self.calling_ae_title;
-        if calling.is_empty() || calling.len() > 16 || calling.contains('\\') {
-            return Err(format!(
-                "postprocess.export.calling_ae_title {calling:?}: an AE title has 1 to 16 characters, no backslash"
-            ));
-        }
-        for (key, v) in [("linkage", &self.linkage), ("ledger", &self.ledger)] {
-            if v.trim().is_empty() {
-                return Err(format!(
-                    "postprocess.export.{key} is empty: give a file path"
-                ));
-            }
-        }
-        if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
-            return Err("postprocess.export timeouts must be above 0 ms".into());
-        }
-        let tls_files = [&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file];
-        if !self.tls && tls_files.iter().any(|f| !f.trim().is_empty()) {
-            return Err(
-                "postprocess.export.tls_* files are set but tls is false: set tls = true for DICOM TLS to the PACS, or remove them".into(),
-            );
-        }
-        Ok(pacs)
-    }
-
-    /// The TLS setup for the PACS, when `tls` is on.
-    pub fn tls_setup(&self, pacs: &Pacs) -> Result<Option<scu::Tls>, String> {
-        if !self.tls {
-            return Ok(None);
-        }
-        scu::Tls::new(
-            pacs,
-            &self.tls_ca_file,
-            &self.tls_cert_file,
-            &self.tls_key_file,
-        )
-        .map(Some)
-    }
-}
 
 /// The export's counters, on the stage's registry.
 #[derive(Clone)]
@@ -304,7 +216,7 @@ impl Exporter {
             tracing::warn!(
                 sop_instance_uid = %id.sop_instance_uid,
                 linkage = %self.linkage.path().display(),
-                "not exported: this radiograph has no row in the linkage table (ingested by another edge, or postprocess.export.linkage is not the table ingest writes)"
+                "not exported: this radiograph has no row in the linkage table (ingested by another edge, or export.linkage is not the table ingest writes)"
             );
             self.metrics
                 .skipped

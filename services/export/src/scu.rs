@@ -124,9 +124,8 @@ impl Tls {
     ) -> Result<Self, String> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let roots =
-            fracture_ingest::tls::ca_roots(ca_file, "postprocess.export.tls_ca_file", true)?;
-        let builder = rustls::ClientConfig::builder_with_provider(fracture_ingest::tls::provider())
+        let roots = fracture_edge::tls::ca_roots(ca_file, "export.tls_ca_file", true)?;
+        let builder = rustls::ClientConfig::builder_with_provider(fracture_edge::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("cannot set up TLS ({e})"))?
             .with_root_certificates(roots);
@@ -135,18 +134,21 @@ impl Tls {
             (true, true) => builder.with_no_client_auth(),
             (false, false) => {
                 let chain = CertificateDer::pem_file_iter(cert_file)
-                    .map_err(|e| format!("cannot read postprocess.export.tls_cert_file {cert_file} ({e})"))?
+                    .map_err(|e| format!("cannot read export.tls_cert_file {cert_file} ({e})"))?
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("postprocess.export.tls_cert_file {cert_file} is not PEM ({e})"))?;
+                    .map_err(|e| format!("export.tls_cert_file {cert_file} is not PEM ({e})"))?;
                 let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
-                    format!("cannot read a private key from postprocess.export.tls_key_file {key_file} ({e})")
+                    format!("cannot read a private key from export.tls_key_file {key_file} ({e})")
                 })?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    format!("postprocess.export.tls_cert_file and tls_key_file do not make a usable certificate ({e})")
+                    format!("export.tls_cert_file and tls_key_file do not make a usable certificate ({e})")
                 })?
             }
             _ => {
-                return Err("postprocess.export.tls_cert_file and tls_key_file go together: set both, or neither".into())
+                return Err(
+                    "export.tls_cert_file and tls_key_file go together: set both, or neither"
+                        .into(),
+                )
             }
         };
         let host = pacs
@@ -157,7 +159,7 @@ impl Tls {
             .trim_start_matches('[')
             .trim_end_matches(']');
         rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
-            format!("postprocess.export.pacs: {host:?} is not a host name TLS can verify ({e})")
+            format!("export.pacs: {host:?} is not a host name TLS can verify ({e})")
         })?;
         Ok(Self {
             config: Arc::new(config),
@@ -255,7 +257,7 @@ pub async fn connect(
                 None => ("", ""),
                 Some(_) if why.contains("certificate") => (
                     " over TLS",
-                    "; set postprocess.export.tls_ca_file to the CA that issued the PACS's certificate (or check the host in postprocess.export.pacs)",
+                    "; set export.tls_ca_file to the CA that issued the PACS's certificate (or check the host in export.pacs)",
                 ),
                 Some(_) => (" over TLS", ""),
             };
