@@ -105,7 +105,7 @@ impl StageSpec {
             Stage::Export => {
                 let cfg = c.export.clone();
                 // A wrong PACS address or AE title is said at start, not at the first finding.
-                cfg.validate().map_err(anyhow::Error::msg)?;
+                cfg.validate()?;
                 StageSpec::Export { cfg }
             }
         })

@@ -178,7 +178,7 @@ async fn the_export_speaks_dicom_tls_to_the_pacs_and_verifies_it() {
 
     // Settings that cannot work are refused with what to set.
     let half = Tls::new(&pacs, &path(&pki.ca), &path(&pki.client_cert), "").unwrap_err();
-    assert!(half.contains("tls_key_file"), "{half}");
+    assert!(half.0.contains("tls_key_file"), "{half}");
     let missing = Tls::new(&pacs, "/nonexistent/ca.pem", "", "").unwrap_err();
-    assert!(missing.contains("tls_ca_file"), "{missing}");
+    assert!(missing.0.contains("tls_ca_file"), "{missing}");
 }

@@ -11,6 +11,24 @@ use serde::de::DeserializeOwned;
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// One setting that cannot work, said so a person can fix it: the message names the key and
+/// what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingError(pub String);
+
+impl From<String> for SettingError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for SettingError {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
+
 /// The merged configuration sources, before any section is read.
 #[derive(Debug, Clone)]
 pub struct Settings {

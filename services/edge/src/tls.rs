@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use fracture_shared::config::SettingError;
 use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
 
 /// The crypto provider every TLS configuration here uses.
@@ -17,7 +18,7 @@ pub fn ca_roots(
     ca_file: &str,
     setting: &str,
     system: bool,
-) -> Result<rustls::RootCertStore, String> {
+) -> Result<rustls::RootCertStore, SettingError> {
     let mut roots = rustls::RootCertStore::empty();
     if system {
         let native = rustls_native_certs::load_native_certs();
@@ -40,9 +41,9 @@ pub fn ca_roots(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{setting} {ca_file} is not a PEM bundle ({e})"))?;
     if certs.is_empty() {
-        return Err(format!(
+        return Err(SettingError(format!(
             "{setting} {ca_file} holds no certificate (-----BEGIN CERTIFICATE-----); give the PEM file of the CA that issued the peer's certificate"
-        ));
+        )));
     }
     for cert in certs {
         roots.add(cert).map_err(|e| {

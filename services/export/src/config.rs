@@ -1,5 +1,6 @@
 //! `[export]`: the PACS, the edge files and the limits of `fracture serve export`.
 
+use fracture_shared::config::SettingError;
 use fracture_shared::stage::BatchConfig;
 
 use crate::scu::{Pacs, Tls};
@@ -53,17 +54,19 @@ impl Default for ExportConfig {
 
 impl ExportConfig {
     /// Checks what can be checked before the first finding, saying what to fix.
-    pub fn validate(&self) -> Result<Pacs, String> {
+    pub fn validate(&self) -> Result<Pacs, SettingError> {
         let pacs = Pacs::parse(&self.pacs).map_err(|e| format!("export.pacs: {e}"))?;
         let calling = &self.calling_ae_title;
         if calling.is_empty() || calling.len() > 16 || calling.contains('\\') {
-            return Err(format!(
+            return Err(SettingError(format!(
                 "export.calling_ae_title {calling:?}: an AE title has 1 to 16 characters, no backslash"
-            ));
+            )));
         }
         for (key, v) in [("linkage", &self.linkage), ("ledger", &self.ledger)] {
             if v.trim().is_empty() {
-                return Err(format!("export.{key} is empty: give a file path"));
+                return Err(SettingError(format!(
+                    "export.{key} is empty: give a file path"
+                )));
             }
         }
         if self.connect_timeout_ms == 0 || self.timeout_ms == 0 {
@@ -79,7 +82,7 @@ impl ExportConfig {
     }
 
     /// The TLS setup for the PACS, when `tls` is on.
-    pub fn tls_setup(&self, pacs: &Pacs) -> Result<Option<Tls>, String> {
+    pub fn tls_setup(&self, pacs: &Pacs) -> Result<Option<Tls>, SettingError> {
         if !self.tls {
             return Ok(None);
         }
@@ -100,7 +103,7 @@ mod tests {
     #[test]
     fn settings_that_cannot_work_are_refused_naming_the_key() {
         let e = ExportConfig::default().validate().unwrap_err();
-        assert!(e.starts_with("export.pacs: "), "{e}");
+        assert!(e.0.starts_with("export.pacs: "), "{e}");
         let good = ExportConfig {
             pacs: "ORTHANC@127.0.0.1:4242".into(),
             ..Default::default()
@@ -141,7 +144,7 @@ mod tests {
             ),
         ] {
             let e = bad.validate().unwrap_err();
-            assert!(e.contains(says), "{says}: {e}");
+            assert!(e.0.contains(says), "{says}: {e}");
         }
     }
 }

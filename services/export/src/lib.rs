@@ -133,18 +133,25 @@ fn external(e: impl std::fmt::Display) -> StageError {
     StageError::external(e.to_string())
 }
 
+/// Why the export could not start: a setting, or its ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Setting(#[from] fracture_shared::config::SettingError),
+    #[error(transparent)]
+    Ledger(#[from] fracture_edge::db::EdgeDbError),
+}
+
 impl Exporter {
     /// Opens the ledger; the linkage table is opened at the first lookup.
     pub async fn open(
         cfg: &ExportConfig,
         store: BlobStore,
         registry: &prometheus::Registry,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, OpenError> {
         let pacs = cfg.validate()?;
         let tls = cfg.tls_setup(&pacs)?;
-        let ledger = Ledger::open(&PathBuf::from(&cfg.ledger))
-            .await
-            .map_err(|e| e.to_string())?;
+        let ledger = Ledger::open(&PathBuf::from(&cfg.ledger)).await?;
         Ok(Self {
             pacs,
             tls,
@@ -311,29 +318,29 @@ impl RecordHandler for Exporter {
     }
 }
 
-/// Runs the export consumer until shutdown. The ledger is waited for (retried every few seconds)
-/// if it cannot be opened at start, so an edge volume that mounts late loses nothing.
+/// Runs the export consumer until shutdown. The ledger is waited for (with the `[retry]`
+/// backoff) if it cannot be opened at start, so an edge volume that mounts late loses nothing.
 pub async fn run(env: &StageEnv, cfg: &ExportConfig) -> Result<(), StageFailed> {
     let fatal = |m: String| StageFailed {
         stage: STAGE,
         source: BusError::Fatal(m),
     };
-    let pacs = cfg.validate().map_err(fatal)?;
+    let pacs = cfg.validate().map_err(|e| fatal(e.0))?;
     // A TLS setting that cannot work stops the stage at once, not at the first finding.
-    cfg.tls_setup(&pacs).map_err(fatal)?;
-    let exporter = loop {
-        match Exporter::open(cfg, env.store.clone(), &env.metrics.registry).await {
-            Ok(e) => break e,
-            Err(e) if !env.shutdown.is_set() => {
-                tracing::error!(error = %e, "the export cannot open its ledger; retrying");
-                let mut stop = env.shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.wait() => {}
-                }
-            }
-            Err(_) => return Ok(()),
-        }
+    cfg.tls_setup(&pacs).map_err(|e| fatal(e.0))?;
+    let opened = env
+        .retry
+        .retry("the export cannot open its ledger")
+        .until(&env.shutdown)
+        .run(
+            || Exporter::open(cfg, env.store.clone(), &env.metrics.registry),
+            |e| matches!(e, OpenError::Ledger(_)),
+        )
+        .await;
+    let exporter = match opened {
+        Ok(e) => e,
+        Err(_) if env.shutdown.is_set() => return Ok(()),
+        Err(e) => return Err(fatal(e.to_string())),
     };
     tracing::info!(%pacs, calling_ae = %cfg.calling_ae_title, linkage = %cfg.linkage, ledger = %cfg.ledger, "exporting findings to the PACS");
     env.consume(STAGE, env.topics.of::<Finding>(), cfg.batch, &exporter)

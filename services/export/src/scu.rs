@@ -3,6 +3,7 @@
 //! endian (implicit VR little endian as the fallback every SCP must accept), and one C-STORE per
 //! object.
 
+use fracture_shared::config::SettingError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,17 +41,17 @@ pub struct Pacs {
 
 impl Pacs {
     /// Parses `AE_TITLE@host:port`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, SettingError> {
         let bad = |why: &str| {
             format!("{s:?} is not a PACS address ({why}); write it as AE_TITLE@host:port, e.g. ORTHANC@127.0.0.1:4242")
         };
         let (ae, address) = s.trim().split_once('@').ok_or_else(|| bad("no @"))?;
         if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || ae.trim() != ae {
-            return Err(bad("an AE title has 1 to 16 characters, no backslash"));
+            return Err(bad("an AE title has 1 to 16 characters, no backslash").into());
         }
         let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no :port"))?;
         if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(bad("no host, or a port that is not 1 to 65535"));
+            return Err(bad("no host, or a port that is not 1 to 65535").into());
         }
         Ok(Self {
             ae_title: ae.to_string(),
@@ -121,7 +122,7 @@ impl Tls {
         ca_file: &str,
         cert_file: &str,
         key_file: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SettingError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let roots = fracture_edge::tls::ca_roots(ca_file, "export.tls_ca_file", true)?;
@@ -486,7 +487,7 @@ mod tests {
             "A_TITLE_LONGER_THAN_16@host:104",
         ] {
             let e = Pacs::parse(bad).unwrap_err();
-            assert!(e.contains("AE_TITLE@host:port"), "{bad}: {e}");
+            assert!(e.0.contains("AE_TITLE@host:port"), "{bad}: {e}");
         }
     }
 

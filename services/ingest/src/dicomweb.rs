@@ -80,16 +80,13 @@ impl Default for DicomwebConfig {
     }
 }
 
-/// A configuration problem, said so a person can fix it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub use fracture_shared::config::SettingError;
 
 impl DicomwebConfig {
     /// Checks the back-scan filters; the message names the key.
-    pub fn validate_scan(&self) -> Result<(), ConfigError> {
+    pub fn validate_scan(&self) -> Result<(), SettingError> {
         if self.modalities.is_empty() {
-            return Err(ConfigError(
+            return Err(SettingError(
                 "ingest.dicomweb.modalities is empty; list the modalities to scan, e.g. [\"CR\", \"DX\"]".into(),
             ));
         }
@@ -100,19 +97,19 @@ impl DicomwebConfig {
                     .bytes()
                     .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
             {
-                return Err(ConfigError(format!(
+                return Err(SettingError(format!(
                     "ingest.dicomweb.modalities: {m:?} is not a DICOM modality code (upper case, e.g. CR, DX)"
                 )));
             }
         }
         if !valid_date_range(&self.study_dates) {
-            return Err(ConfigError(format!(
+            return Err(SettingError(format!(
                 "ingest.dicomweb.study_dates {:?} is not YYYYMMDD-YYYYMMDD (either end may be empty) or one YYYYMMDD",
                 self.study_dates
             )));
         }
         if self.page_size == 0 {
-            return Err(ConfigError(
+            return Err(SettingError(
                 "ingest.dicomweb.page_size must be at least 1".into(),
             ));
         }

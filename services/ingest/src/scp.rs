@@ -1,5 +1,6 @@
 //! A DICOM C-STORE SCP: modalities and PACS push radiographs here; each object is spooled, ingested like a file, published, and only then acknowledged.
 
+use fracture_shared::config::SettingError;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,7 @@ impl Default for ScpConfig {
 impl ScpConfig {
     /// The TLS server configuration the `tls_*` settings describe; `None` for plain TCP. Errors
     /// say which setting to fix.
-    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, SettingError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let (cert, key, client_ca) = (
@@ -96,9 +97,9 @@ impl ScpConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("ingest.scp.tls_cert_file {cert} is not PEM ({e})"))?;
         if chain.is_empty() {
-            return Err(format!(
+            return Err(SettingError(format!(
                 "ingest.scp.tls_cert_file {cert} holds no certificate (-----BEGIN CERTIFICATE-----)"
-            ));
+            )));
         }
         let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
             format!("cannot read a private key from ingest.scp.tls_key_file {key} ({e})")

@@ -615,12 +615,12 @@ fn tls_settings_that_cannot_work_are_refused_with_what_to_set() {
         ..Default::default()
     };
     let e = half.tls().unwrap_err();
-    assert!(e.contains("tls_key_file"), "{e}");
+    assert!(e.0.contains("tls_key_file"), "{e}");
     let ca_only = ScpConfig {
         tls_client_ca_file: "/etc/fracture/ca.pem".into(),
         ..Default::default()
     };
-    assert!(ca_only.tls().unwrap_err().contains("tls_cert_file"));
+    assert!(ca_only.tls().unwrap_err().0.contains("tls_cert_file"));
     let missing = ScpConfig {
         tls_cert_file: "/nonexistent/tls.pem".into(),
         tls_key_file: "/nonexistent/tls.key".into(),
@@ -628,7 +628,7 @@ fn tls_settings_that_cannot_work_are_refused_with_what_to_set() {
     };
     let e = missing.tls().unwrap_err();
     assert!(
-        e.contains("cannot read") && e.contains("/nonexistent/tls.pem"),
+        e.0.contains("cannot read") && e.0.contains("/nonexistent/tls.pem"),
         "{e}"
     );
     assert!(

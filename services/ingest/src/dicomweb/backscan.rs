@@ -17,7 +17,7 @@ use fracture_shared::RetryPolicy;
 
 use super::http::{auth_header, tls_connector, Client, Endpoint, HttpError, Reply};
 use super::multipart::{self, MediaType};
-use super::{is_uid, prepare_spool, with_preamble, ConfigError, DicomwebConfig};
+use super::{is_uid, prepare_spool, with_preamble, DicomwebConfig, SettingError};
 use crate::scp::STORAGE_CLASSES;
 use crate::{Ingest, IngestReport, Input, Outcome};
 
@@ -44,7 +44,7 @@ pub struct ScanReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] SettingError),
     #[error("the PACS refused the back-scan (HTTP {0}); check ingest.dicomweb.auth_header_file and the PACS's access rules")]
     Refused(u16),
     /// The TLS handshake failed for a reason waiting will not cure (e.g. an untrusted
@@ -115,20 +115,20 @@ pub async fn back_scan(
         None
     } else {
         let text = std::fs::read_to_string(cfg.auth_header_file.trim()).map_err(|e| {
-            ConfigError(format!(
+            SettingError(format!(
                 "cannot read ingest.dicomweb.auth_header_file {} ({e})",
                 cfg.auth_header_file
             ))
         })?;
         Some(
             auth_header(&text)
-                .map_err(|e| ConfigError(format!("ingest.dicomweb.auth_header_file: {e}")))?,
+                .map_err(|e| SettingError(format!("ingest.dicomweb.auth_header_file: {e}")))?,
         )
     };
     let tls = if endpoint.https {
         Some(tls_connector(&cfg.ca_file)?)
     } else if !cfg.ca_file.trim().is_empty() {
-        return Err(ConfigError(
+        return Err(SettingError(
             "ingest.dicomweb.ca_file is set but ingest.dicomweb.url is http://; use the PACS's https:// URL (or leave ca_file empty)".into(),
         )
         .into());

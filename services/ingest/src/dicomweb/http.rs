@@ -2,7 +2,7 @@
 //! every request bounded in time and size, over TLS (rustls) for an `https://` URL. Errors never
 //! carry the URL's path (it holds study UIDs); they may name the host.
 
-use super::ConfigError;
+use super::SettingError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,30 +31,30 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Parses `http[s]://host[:port][/path]` (ports 80 and 443 by default).
-    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+    pub fn parse(url: &str) -> Result<Self, SettingError> {
         let uri: Uri = url
             .trim()
             .parse()
-            .map_err(|e| ConfigError(format!("ingest.dicomweb.url is not a URL ({e})")))?;
+            .map_err(|e| SettingError(format!("ingest.dicomweb.url is not a URL ({e})")))?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
             _ => {
-                return Err(ConfigError(
+                return Err(SettingError(
                     "ingest.dicomweb.url must start with https:// or http://".into(),
                 ))
             }
         };
         if uri.query().is_some() {
-            return Err(ConfigError(
+            return Err(SettingError(
                 "ingest.dicomweb.url must not have a query (?...)".into(),
             ));
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| ConfigError("ingest.dicomweb.url has no host".into()))?;
+            .ok_or_else(|| SettingError("ingest.dicomweb.url has no host".into()))?;
         if authority.as_str().contains('@') {
-            return Err(ConfigError("ingest.dicomweb.url must not hold credentials; put them in ingest.dicomweb.auth_header_file".into()));
+            return Err(SettingError("ingest.dicomweb.url must not hold credentials; put them in ingest.dicomweb.auth_header_file".into()));
         }
         let host = authority
             .host()
@@ -275,12 +275,12 @@ where
 /// The TLS setup for an `https://` PACS: rustls (ring), trusting the system's root
 /// certificates and those of `ca_file` (a PEM bundle, e.g. the hospital's internal CA; empty:
 /// none). The server's certificate is always verified, for the URL's host.
-pub fn tls_connector(ca_file: &str) -> Result<TlsConnector, ConfigError> {
+pub fn tls_connector(ca_file: &str) -> Result<TlsConnector, SettingError> {
     let roots = fracture_edge::tls::ca_roots(ca_file, "ingest.dicomweb.ca_file", true)
-        .map_err(|e| ConfigError(e.to_string()))?;
+        .map_err(|e| SettingError(e.to_string()))?;
     let mut config = rustls::ClientConfig::builder_with_provider(fracture_edge::tls::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError(format!("cannot set up TLS ({e})")))?
+        .map_err(|e| SettingError(format!("cannot set up TLS ({e})")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -318,13 +318,13 @@ fn tls_error(endpoint: &Endpoint, e: std::io::Error) -> HttpError {
 
 /// Reads an auth header file: `Name: value` sends that header; a bare value is sent as
 /// `Authorization`. The value is never logged.
-pub fn auth_header(text: &str) -> Result<(HeaderName, HeaderValue), ConfigError> {
+pub fn auth_header(text: &str) -> Result<(HeaderName, HeaderValue), SettingError> {
     let line = text.trim();
     if line.is_empty() {
-        return Err(ConfigError("the auth header file is empty".into()));
+        return Err(SettingError("the auth header file is empty".into()));
     }
     if line.contains('\n') {
-        return Err(ConfigError(
+        return Err(SettingError(
             "the auth header file must hold one line".into(),
         ));
     }
@@ -337,9 +337,9 @@ pub fn auth_header(text: &str) -> Result<(HeaderName, HeaderValue), ConfigError>
         _ => ("Authorization", line),
     };
     let name = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| ConfigError("the auth header file names an invalid header".into()))?;
+        .map_err(|_| SettingError("the auth header file names an invalid header".into()))?;
     let mut value = HeaderValue::from_str(value).map_err(|_| {
-        ConfigError("the auth header file holds characters a header cannot carry".into())
+        SettingError("the auth header file holds characters a header cannot carry".into())
     })?;
     value.set_sensitive(true);
     Ok((name, value))

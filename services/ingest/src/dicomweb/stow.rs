@@ -29,7 +29,7 @@ use fracture_shared::messages::{decode, DeadLetter, ErrorKind};
 use fracture_shared::stage::Shutdown;
 
 use super::multipart::{self, MediaType};
-use super::{is_uid, prepare_spool, with_preamble, ConfigError, DicomwebConfig};
+use super::{is_uid, prepare_spool, with_preamble, DicomwebConfig, SettingError};
 use crate::scp::STORAGE_CLASSES;
 use crate::{Ingest, Input, Outcome};
 
@@ -116,21 +116,21 @@ pub async fn serve_stow_on(
     Ok(())
 }
 
-fn read_token(cfg: &DicomwebConfig) -> Result<Option<String>, ConfigError> {
+fn read_token(cfg: &DicomwebConfig) -> Result<Option<String>, SettingError> {
     let file = cfg.stow_token_file.trim();
     if file.is_empty() {
         return Ok(None);
     }
     let token = std::fs::read_to_string(file)
         .map_err(|e| {
-            ConfigError(format!(
+            SettingError(format!(
                 "cannot read ingest.dicomweb.stow_token_file {file} ({e})"
             ))
         })?
         .trim()
         .to_string();
     if token.len() < 16 {
-        return Err(ConfigError(format!(
+        return Err(SettingError(format!(
             "ingest.dicomweb.stow_token_file {file} holds a token shorter than 16 characters; make one with `head -c 24 /dev/urandom | base64 > {file}`"
         )));
     }
