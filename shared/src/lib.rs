@@ -7,6 +7,7 @@ pub mod config;
 pub mod dicom;
 pub mod dicom_outputs;
 pub mod error;
+pub mod gate;
 pub mod html;
 pub mod messages;
 pub mod metrics;

@@ -434,6 +434,7 @@ pub fn read_object(bytes: &[u8]) -> Result<DefaultDicomObject, StageError> {
             "not a DICOM file: no DICM marker after the 128-byte preamble",
         ));
     }
+    crate::gate::check_part10(body)?;
     dicom_object::OpenFileOptions::new()
         .read_preamble(dicom_object::file::ReadPreamble::Never)
         .from_reader(std::io::Cursor::new(body))

@@ -91,6 +91,7 @@ pub fn copy_deidentified(
     policy: &DeidPolicy,
     mut progress: impl FnMut(u64),
 ) -> std::io::Result<(CopyReport, Vec<Refused>)> {
+    refuse_overlap(roots, out)?;
     std::fs::create_dir_all(out)?;
     let mut report = CopyReport::default();
     let mut refused = Vec::new();
@@ -141,6 +142,54 @@ pub fn copy_deidentified(
     // the export reports success only once every copy is on disk.
     sync_file_system(out)?;
     Ok((report, refused))
+}
+
+/// Refuses an output folder that is an input folder, or inside one, or holds one, or the folder
+/// of an input file: the copies would replace the originals, or be read back as inputs. A
+/// command never destroys its own source.
+fn refuse_overlap(roots: &[PathBuf], out: &Path) -> std::io::Result<()> {
+    // The output may not exist yet: resolve the nearest folder that does, then add the rest.
+    let resolve = |p: &Path| -> std::io::Result<PathBuf> {
+        let mut existing = p.to_path_buf();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = if parent.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        parent.to_path_buf()
+                    };
+                }
+                _ => break,
+            }
+        }
+        let mut full = existing.canonicalize()?;
+        full.extend(rest.iter().rev());
+        Ok(full)
+    };
+    let out_full = resolve(out)?;
+    for root in roots {
+        let root_full = resolve(root)?;
+        let overlaps = if root_full.is_dir() {
+            out_full.starts_with(&root_full) || root_full.starts_with(&out_full)
+        } else {
+            // A file given directly is copied under its own name into `out`.
+            root_full.parent() == Some(out_full.as_path())
+        };
+        if overlaps {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the output folder {} overlaps the input {}: the de-identified copies would                      replace the originals or be read back as inputs; choose an output folder                      outside the inputs",
+                    out.display(),
+                    root.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Flushes everything written to the file system that holds `dir` (syncfs(2)).

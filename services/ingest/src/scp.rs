@@ -843,6 +843,8 @@ struct Command {
 
 /// Parses a command set (always implicit VR little endian, PS3.7 6.3.1).
 fn parse_command(bytes: &[u8]) -> Result<Command, Ended> {
+    fracture_shared::gate::check_dataset(bytes, IMPLICIT_VR_LITTLE_ENDIAN.uid())
+        .map_err(|e| format!("unreadable command set: {e}"))?;
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .map_err(|e| format!("unreadable command set: {e}"))?;
     let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<u16>().ok());

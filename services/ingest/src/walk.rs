@@ -54,7 +54,10 @@ fn is_dicomdir(path: &Path) -> bool {
 pub fn dicomdir(path: &Path) -> Vec<Input> {
     use dicom_dictionary_std::tags;
     let base = path.parent().unwrap_or(Path::new("."));
-    let obj = match dicom_object::open_file(path) {
+    let obj = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| fracture_shared::pixels::read_object(&bytes).map_err(|e| e.message))
+    {
         Ok(o) => o,
         Err(e) => {
             return vec![Input::Unreadable(
@@ -91,6 +94,23 @@ pub fn dicomdir(path: &Path) -> Vec<Input> {
             continue;
         }
         let file = base.join(&rel);
+        // A File ID is a path inside the media: `..`, a root or a link that leads out of the
+        // DICOMDIR's folder would read files it has no business reading.
+        let inside = rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+            && match (file.canonicalize(), base.canonicalize()) {
+                (Ok(f), Ok(b)) => f.starts_with(b),
+                // Missing: said below.
+                _ => true,
+            };
+        if !inside {
+            out.push(Input::Unreadable(
+                file,
+                "this DICOMDIR references a file outside its media folder; it was not read".into(),
+            ));
+            continue;
+        }
         out.push(if file.is_file() {
             Input::File(file)
         } else {

@@ -238,6 +238,7 @@ fn parse_around<R: Read + Seek>(
     }
     if layout.pixels.end < len {
         let tail = read(src, layout.pixels.end, len)?;
+        fracture_shared::gate::check_dataset(&tail, &layout.transfer_syntax).ok()?;
         let ts = TransferSyntaxRegistry.get(&layout.transfer_syntax)?;
         let rest = InMemDicomObject::read_dataset_with_ts(io::Cursor::new(tail), ts).ok()?;
         for e in rest {

@@ -500,6 +500,10 @@ fn peek(bytes: &[u8]) -> Ids {
     } else {
         return Ids::default();
     };
+    if fracture_shared::gate::check_part10(body).is_err() {
+        // Nothing is read from it here; ingest refuses it with the reason.
+        return Ids::default();
+    }
     let Ok(obj) = dicom_object::OpenFileOptions::new()
         .read_preamble(dicom_object::file::ReadPreamble::Never)
         .read_until(tags::PIXEL_DATA)

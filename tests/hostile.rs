@@ -1,0 +1,211 @@
+//! Hostile files at the folder door: a data set nested deeper than any parser's stack allows,
+//! and one whose declared length asks for gigabytes. `fracture deid` and `fracture scan` refuse
+//! each as a dead letter with its reason, go on with the good file beside it, and exit 0.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fracture");
+const CR: &str = "1.2.840.10008.5.1.4.1.1.1";
+
+/// An explicit VR little endian element with a 2-byte length.
+fn short(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    let mut e = Vec::new();
+    e.extend_from_slice(&tag.0.to_le_bytes());
+    e.extend_from_slice(&tag.1.to_le_bytes());
+    e.extend_from_slice(vr);
+    e.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    e.extend_from_slice(&v);
+    e
+}
+
+/// An implicit VR little endian element.
+fn implicit(tag: (u16, u16), value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    let mut e = Vec::new();
+    e.extend_from_slice(&tag.0.to_le_bytes());
+    e.extend_from_slice(&tag.1.to_le_bytes());
+    e.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    e.extend_from_slice(&v);
+    e
+}
+
+/// Preamble, `DICM`, a meta group naming implicit VR little endian, and the start of a CR data
+/// set; the caller appends the rest.
+fn part10_head(instance: &str) -> Vec<u8> {
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    meta.extend(short((0x0002, 0x0002), b"UI", CR.as_bytes()));
+    meta.extend(short((0x0002, 0x0003), b"UI", instance.as_bytes()));
+    meta.extend(short((0x0002, 0x0010), b"UI", b"1.2.840.10008.1.2"));
+    meta.extend(short(
+        (0x0002, 0x0012),
+        b"UI",
+        b"1.2.826.0.1.3680043.10.543",
+    ));
+    let mut f = vec![0u8; 128];
+    f.extend_from_slice(b"DICM");
+    f.extend(short(
+        (0x0002, 0x0000),
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    ));
+    f.extend(meta);
+    f.extend(implicit((0x0008, 0x0016), CR.as_bytes()));
+    f.extend(implicit((0x0008, 0x0018), instance.as_bytes()));
+    f.extend(implicit((0x0008, 0x0060), b"CR"));
+    f.extend(implicit((0x0020, 0x000D), b"2.25.4242"));
+    f
+}
+
+/// About 100,000 levels of undefined-length sequences: 1.6 MB that overflowed any stack.
+fn deeply_nested() -> Vec<u8> {
+    let mut f = part10_head("2.25.1001");
+    let levels = 100_000;
+    for _ in 0..levels {
+        f.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+        f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for _ in 0..levels {
+        f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        f.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+    f
+}
+
+/// A few hundred bytes whose PatientName declares 0xFFFFFFF0 bytes.
+fn length_bomb() -> Vec<u8> {
+    let mut f = part10_head("2.25.1002");
+    f.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, 0xF0, 0xFF, 0xFF, 0xFF]);
+    f.extend_from_slice(b"Doe^Jane");
+    f
+}
+
+fn inputs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        common::fixtures().join("RG3_UNCR.dcm"),
+        dir.join("good.dcm"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("nested.dcm"), deeply_nested()).unwrap();
+    std::fs::write(dir.join("bomb.dcm"), length_bomb()).unwrap();
+}
+
+fn assert_refused(dead_letters: &str, file: &str, reason: &str) {
+    let line = dead_letters
+        .lines()
+        .find(|l| l.contains(file))
+        .unwrap_or_else(|| panic!("{file} is not a dead letter:\n{dead_letters}"));
+    assert!(line.contains(reason), "{file}: {line}");
+}
+
+#[test]
+fn deid_refuses_nesting_and_length_bombs_and_exports_the_rest() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("in");
+    inputs(&dir);
+    let key = work.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let out = work.path().join("out");
+    let run = Command::new(BIN)
+        .arg("deid")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "fracture deid died: {:?}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.join("good.dcm").exists(), "the good file is exported");
+    let dead = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    assert_refused(&dead, "nested.dcm", "nested more than 32 deep");
+    assert_refused(&dead, "bomb.dcm", "declares 4294967280 bytes");
+    assert!(!out.join("nested.dcm").exists() && !out.join("bomb.dcm").exists());
+}
+
+#[test]
+fn scan_refuses_nesting_and_length_bombs_and_scans_the_rest() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("in");
+    inputs(&dir);
+    let out = work.path().join("out");
+    let run = Command::new(BIN)
+        .arg("scan")
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "fracture scan died: {:?}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let findings = std::fs::read_to_string(out.join("findings.jsonl")).unwrap();
+    assert_eq!(findings.lines().count(), 1, "the good file:\n{findings}");
+    let dead = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 2, "{dead}");
+    assert_refused(&dead, "nested.dcm", "nested more than 32 deep");
+    assert_refused(&dead, "bomb.dcm", "declares 4294967280 bytes");
+}
+
+#[test]
+fn deid_onto_its_own_input_is_refused_and_the_originals_stay() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("in");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::copy(
+        common::fixtures().join("RG3_UNCR.dcm"),
+        dir.join("sub/rg3.dcm"),
+    )
+    .unwrap();
+    let before = std::fs::read(dir.join("sub/rg3.dcm")).unwrap();
+    let key = work.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    for (input, out) in [
+        (dir.clone(), dir.clone()),
+        (dir.clone(), dir.join("sub")),
+        (dir.join("sub"), dir.clone()),
+        (dir.join("sub/rg3.dcm"), dir.join("sub")),
+    ] {
+        let run = Command::new(BIN)
+            .arg("deid")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out)
+            .arg("--key-file")
+            .arg(&key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && stderr.contains("overlaps the input"),
+            "{} -> {}: {:?} {stderr}",
+            input.display(),
+            out.display(),
+            run.status
+        );
+        assert_eq!(
+            std::fs::read(dir.join("sub/rg3.dcm")).unwrap(),
+            before,
+            "the original is untouched"
+        );
+    }
+}
