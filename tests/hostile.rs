@@ -101,6 +101,15 @@ fn inputs(dir: &Path) {
     std::fs::write(dir.join("bomb.dcm"), length_bomb()).unwrap();
 }
 
+/// Runs `fracture ARGS...`.
+fn fracture(args: &[&Path]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.output().unwrap()
+}
+
 fn assert_refused(dead_letters: &str, file: &str, reason: &str) {
     let line = dead_letters
         .lines()
@@ -117,15 +126,14 @@ fn deid_refuses_nesting_and_length_bombs_and_exports_the_rest() {
     let key = work.path().join("key");
     std::fs::write(&key, [7u8; 32]).unwrap();
     let out = work.path().join("out");
-    let run = Command::new(BIN)
-        .arg("deid")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .arg("--key-file")
-        .arg(&key)
-        .output()
-        .unwrap();
+    let run = fracture(&[
+        Path::new("deid"),
+        &dir,
+        Path::new("--out"),
+        &out,
+        Path::new("--key-file"),
+        &key,
+    ]);
     assert!(
         run.status.success(),
         "fracture deid died: {:?}\n{}",
@@ -145,13 +153,7 @@ fn scan_refuses_nesting_and_length_bombs_and_scans_the_rest() {
     let dir = work.path().join("in");
     inputs(&dir);
     let out = work.path().join("out");
-    let run = Command::new(BIN)
-        .arg("scan")
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let run = fracture(&[Path::new("scan"), &dir, Path::new("--out"), &out]);
     assert!(
         run.status.success(),
         "fracture scan died: {:?}\n{}",
@@ -185,15 +187,14 @@ fn deid_onto_its_own_input_is_refused_and_the_originals_stay() {
         (dir.join("sub"), dir.clone()),
         (dir.join("sub/rg3.dcm"), dir.join("sub")),
     ] {
-        let run = Command::new(BIN)
-            .arg("deid")
-            .arg(&input)
-            .arg("--out")
-            .arg(&out)
-            .arg("--key-file")
-            .arg(&key)
-            .output()
-            .unwrap();
+        let run = fracture(&[
+            Path::new("deid"),
+            &input,
+            Path::new("--out"),
+            &out,
+            Path::new("--key-file"),
+            &key,
+        ]);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(
             !run.status.success() && stderr.contains("overlaps the input"),

@@ -729,6 +729,10 @@ async fn serve_association<S>(
     }
 }
 
+/// Largest command set accepted: a command is a few hundred bytes, and fragments are gathered in
+/// memory until the last one, so a sender streaming command fragments is stopped here.
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
 /// Handles the values of one P-DATA-TF: command fragments, then data set fragments.
 async fn pdata<S>(
     ctx: &Context,
@@ -743,6 +747,12 @@ where
     for value in values {
         match value.value_type {
             PDataValueType::Command => {
+                if command.len() + value.data.len() > MAX_COMMAND_BYTES {
+                    return Err(format!(
+                        "the command set passed {MAX_COMMAND_BYTES} bytes (a C-STORE or C-ECHO \
+                         request is a few hundred); the association is aborted"
+                    ));
+                }
                 command.extend_from_slice(&value.data);
                 if !value.is_last {
                     continue;

@@ -636,3 +636,86 @@ fn tls_settings_that_cannot_work_are_refused_with_what_to_set() {
         "plain TCP by default"
     );
 }
+
+/// How the SCP met a raw command set.
+#[derive(Debug)]
+enum Met {
+    /// It aborted or closed the association.
+    HungUp,
+    /// It said nothing for 30 s.
+    Silent,
+    /// It answered with a PDU.
+    Answered,
+}
+
+/// A raw client for what no well-behaved peer sends: after association, `command` as command
+/// fragments of 16 KiB (the last one marked last when `last`), then what the SCP does.
+async fn send_raw_command(port: u16, command: &[u8], last: bool) -> Met {
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    use dicom_ul::{ClientAssociationOptions, Pdu};
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title("HOSTILE")
+        .called_ae_title(AE)
+        .with_presentation_context(
+            dicom_dictionary_std::uids::COMPUTED_RADIOGRAPHY_IMAGE_STORAGE,
+            vec![dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN],
+        )
+        .establish_async(format!("127.0.0.1:{port}").as_str())
+        .await
+        .expect("the SCP accepts the association");
+    let pc = assoc.presentation_contexts()[0].id;
+    let chunks: Vec<&[u8]> = command.chunks(16 * 1024).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: last && i + 1 == chunks.len(),
+                data: chunk.to_vec(),
+            }],
+        };
+        if assoc.send(&pdu).await.is_err() {
+            return Met::HungUp;
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(30), assoc.receive()).await {
+        Err(_) => Met::Silent,
+        Ok(Err(_)) | Ok(Ok(Pdu::AbortRQ { .. })) => Met::HungUp,
+        Ok(Ok(_)) => Met::Answered,
+    }
+}
+
+/// A command set streamed without end (32 MiB of fragments, none last), and one nested 2,000
+/// deep, each end their association; the SCP keeps serving, and a radiograph sent after them is
+/// stored and published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_command_set_ends_its_association_and_the_scp_goes_on() {
+    let mut h = Harness::start().await;
+    let endless = vec![0u8; 32 << 20];
+    let met = send_raw_command(h.port, &endless, false).await;
+    assert!(
+        matches!(met, Met::HungUp),
+        "an endless command set: {met:?}"
+    );
+    // 64,000 bytes: under the size cap, over any sane depth.
+    let mut nested = Vec::new();
+    for _ in 0..2_000 {
+        nested.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+        nested.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for _ in 0..2_000 {
+        nested.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        nested.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+    let met = send_raw_command(h.port, &nested, true).await;
+    assert!(matches!(met, Met::HungUp), "a nested command set: {met:?}");
+    let sent = h.dcmsend(&[&fixture("RG3_UNCR.dcm")], &[]).await;
+    assert!(
+        sent.status.success(),
+        "the SCP still stores: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let (deid, dead) = h.published().await;
+    assert_eq!((deid.len(), dead.len()), (1, 0));
+    h.stop().await;
+}
