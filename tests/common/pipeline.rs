@@ -159,6 +159,17 @@ impl Pipeline {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to `stage`'s process.
+    pub fn signal(&self, stage: &str, signal: &str) {
+        let c = &self.procs[stage];
+        let st = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(st.success(), "kill -{signal} {stage}");
+    }
+
     pub fn is_running(&mut self, stage: &str) -> bool {
         self.procs
             .get_mut(stage)
