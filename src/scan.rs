@@ -397,7 +397,7 @@ async fn with_dicom_outputs(
 impl Pipeline {
     /// Waits for the audit sink to hold every finding and label (the report reads it), then
     /// stops the stages.
-    async fn stop(self) -> anyhow::Result<Self> {
+    async fn stop(mut self) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let audit_group = format!("{}.{}", self.topics.prefix, fracture_audit::STAGE);
         while self.bus.lag(&audit_group, &self.topics.of::<Finding>()) > 0
@@ -409,11 +409,10 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.stop.send(true).ok();
-        let mut p = self;
-        for t in std::mem::take(&mut p.tasks) {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.ok();
         }
-        Ok(p)
+        Ok(self)
     }
 }
 

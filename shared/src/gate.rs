@@ -224,7 +224,7 @@ impl<'a> Cursor<'a> {
         let remaining = self.remaining() as u64;
         if u64::from(len) > remaining {
             return Err(GateError::LengthPastEnd {
-                tag: format!("({:04X},{:04X})", tag.group(), tag.element()),
+                tag: tag_text(tag),
                 declared: u64::from(len),
                 remaining,
             });

@@ -76,6 +76,8 @@ pub fn dicomdir(path: &Path) -> Vec<Input> {
             "this DICOMDIR has no Directory Record Sequence".into(),
         )];
     };
+    // Links inside the media may point anywhere: what a record names must resolve inside it.
+    let media = base.canonicalize().ok();
     let mut out = Vec::new();
     for r in records {
         let Ok(id) = r.element(tags::REFERENCED_FILE_ID) else {
@@ -99,8 +101,8 @@ pub fn dicomdir(path: &Path) -> Vec<Input> {
         let inside = rel
             .components()
             .all(|c| matches!(c, std::path::Component::Normal(_)))
-            && match (file.canonicalize(), base.canonicalize()) {
-                (Ok(f), Ok(b)) => f.starts_with(b),
+            && match (file.canonicalize(), &media) {
+                (Ok(f), Some(b)) => f.starts_with(b),
                 // Missing: said below.
                 _ => true,
             };
