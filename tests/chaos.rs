@@ -501,3 +501,92 @@ async fn a_store_outage_delays_but_loses_nothing() {
     let failures = p.stop();
     assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
 }
+
+/// An input that kills the stage that opens it: a radiograph of 8,000 x 8,000 pixels (within
+/// every cap) read by a pre-process that runs under a 600 MB address-space limit, the way a pod
+/// is OOM-killed. The test restarts the stage each time it dies, as Kubernetes would. The
+/// crash-loop breaker charges the crashes to the input that was in flight, handles that batch one
+/// record at a time, and after the third crash dead-letters the big radiograph unopened; every
+/// phantom beside it arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_input_that_kills_a_stage_is_set_aside_after_three_crashes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let dir = work.join("inputs");
+    let good = pipeline::phantoms(&dir, 12, 41);
+    let big_dir = dir.join("big");
+    let out = Command::new(pipeline::BIN)
+        .args(["phantoms", "--count", "1", "--seed", "42"])
+        .args(["--min-side", "8000", "--max-side", "8000", "--out"])
+        .arg(&big_dir)
+        .output()
+        .expect("run fracture phantoms");
+    assert!(out.status.success(), "{out:?}");
+    let inputs = Inputs {
+        dir: dir.clone(),
+        good,
+        bad: vec![big_dir.join("phantom-00001.dcm")],
+    };
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("crashloop");
+    let topics = Topics::new(&prefix);
+    let bus = kafka(&brokers);
+
+    let mut p = run(work, &brokers, &prefix, &inputs);
+    p.limit_memory("preprocess", 600 * 1024);
+    p.start_all();
+    let want = inputs.good.len() + inputs.bad.len();
+    let names = [topics.of::<Finding>(), topics.of::<DeadLetter>()];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut crashes = 0;
+    loop {
+        if !p.is_running("preprocess") {
+            crashes += 1;
+            assert!(crashes <= 5, "preprocess keeps dying\n{}", p.logs());
+            p.kill("preprocess");
+            p.start("preprocess");
+        }
+        let got = bus.read_committed(&names).await.map(|r| r.len());
+        if got.is_ok_and(|n| n >= want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outputs incomplete\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(10)).await;
+    let t = tally(&p, &inputs, &out, "none").await;
+    assert_eq!(t.findings, inputs.good.len());
+    let letters: Vec<DeadLetter> = out
+        .iter()
+        .filter(|r| r.topic.ends_with(".dead-letter"))
+        .map(|r| decode(&r.payload).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].stage, "preprocess");
+    assert!(
+        letters[0].reason.contains("died 3 times"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(
+        crashes, 3,
+        "the input was set aside at the limit, not before or after"
+    );
+    let log = pipeline::plain(&p.log("preprocess"));
+    assert!(
+        log.contains("memory allocation") && log.contains("an earlier process died"),
+        "the crashes were out-of-memory aborts, seen by the next process\n{log}"
+    );
+    let failures = p.stop();
+    assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
+    eprintln!(
+        "crash loop: {} phantoms found, the big radiograph dead-lettered after {crashes} \
+         crashes of preprocess",
+        t.findings
+    );
+}

@@ -57,6 +57,9 @@ pub struct RetryPolicy {
     pub cap_ms: u64,
     /// Attempts for an internal error before it is dead-lettered.
     pub internal_attempts: u32,
+    /// Crashes of a stage process with an input in flight before that input is dead-lettered
+    /// unopened (the crash-loop breaker, `breaker`).
+    pub crash_limit: u32,
 }
 
 impl Default for RetryPolicy {
@@ -65,6 +68,7 @@ impl Default for RetryPolicy {
             base_ms: 100,
             cap_ms: 30_000,
             internal_attempts: 3,
+            crash_limit: 3,
         }
     }
 }

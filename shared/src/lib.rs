@@ -2,6 +2,7 @@
 //! telemetry, the error taxonomy and the one retry policy, DICOM pixel decoding, the region
 //! rules, and the pure statistics both the audit sink and training need.
 
+pub mod breaker;
 pub mod bus;
 pub mod config;
 pub mod dicom;

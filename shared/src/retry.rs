@@ -161,6 +161,7 @@ mod tests {
             base_ms: 1,
             cap_ms: 4,
             internal_attempts: 3,
+            ..RetryPolicy::default()
         }
     }
 
@@ -232,6 +233,7 @@ mod tests {
             base_ms: 3_600_000,
             cap_ms: 3_600_000,
             internal_attempts: 3,
+            ..RetryPolicy::default()
         };
         let waiting = tokio::spawn(async move {
             slow.retry("never")

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::breaker::{Admission, Breaker};
 use crate::bus::{BusError, OutRecord, Record, StageIo, Topics};
 use crate::error::{Decision, RetryPolicy, StageError};
 use crate::messages::{encode, schema, DeadLetter, Message, Origin};
@@ -100,6 +101,9 @@ pub struct StageRunner {
     pub metrics: StageMetrics,
     pub retry: RetryPolicy,
     pub batch: BatchConfig,
+    /// Where the crash-loop breaker keeps its ledgers (`breaker`); `None` runs the loop without
+    /// one, for tests of the loop itself.
+    pub crash_ledger: Option<crate::store::BlobStore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,10 @@ impl StageRunner {
         };
         let linger = Duration::from_millis(self.batch.linger_ms);
         let idle = Duration::from_millis(200);
+        let mut breaker = self
+            .crash_ledger
+            .clone()
+            .map(|store| Breaker::new(store, self.stage, self.retry.crash_limit));
         while !shutdown.is_set() {
             let batch = match io.poll_batch(self.batch.max.max(1), linger, idle).await {
                 Ok(b) => b,
@@ -155,10 +163,11 @@ impl StageRunner {
             let started = Instant::now();
             let started_wall = std::time::SystemTime::now();
             let Some(results) = self
-                .handle_with_retries(&batch, handler, &mut shutdown)
+                .handle_guarded(&batch, handler, &mut shutdown, breaker.as_mut())
                 .await
             else {
                 // Shutting down mid-retry: leave the batch uncommitted for the next owner.
+                settle(&mut breaker, &batch, false).await;
                 let _ = io.rewind().await;
                 break;
             };
@@ -225,7 +234,9 @@ impl StageRunner {
                     }
                 }
             }
-            match io.commit(outputs).await {
+            let committed = io.commit(outputs).await;
+            settle(&mut breaker, &batch, committed.is_ok()).await;
+            match committed {
                 Ok(()) => {
                     if crate::otlp::enabled() {
                         let end = std::time::SystemTime::now();
@@ -270,6 +281,51 @@ impl StageRunner {
             }
         }
         Ok(())
+    }
+
+    /// Handles the batch under the crash-loop breaker: records in flight during too many crashes
+    /// are dead-lettered unopened, and a batch holding one that was in flight during any is
+    /// handled one record at a time, so a crash is charged to the culprit alone.
+    async fn handle_guarded(
+        &self,
+        batch: &[Record],
+        handler: &dyn Handler,
+        shutdown: &mut Shutdown,
+        breaker: Option<&mut Breaker>,
+    ) -> Option<Vec<Result<Vec<Output>, StageError>>> {
+        let Some(breaker) = breaker else {
+            return self.handle_with_retries(batch, handler, shutdown).await;
+        };
+        let admitted = breaker.admit(batch).await;
+        let mut results: Vec<Option<Result<Vec<Output>, StageError>>> = admitted
+            .iter()
+            .map(|a| match *a {
+                Admission::Tripped(crashes) => Some(Err(breaker.tripped(crashes))),
+                _ => None,
+            })
+            .collect();
+        let open: Vec<usize> = (0..batch.len()).filter(|&i| results[i].is_none()).collect();
+        let groups = if admitted.iter().any(|a| matches!(a, Admission::Suspect(_))) {
+            open.into_iter().map(|i| vec![i]).collect()
+        } else {
+            vec![open]
+        };
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            let records: Vec<Record> = group.iter().map(|&i| batch[i].clone()).collect();
+            breaker.in_flight(&records.iter().collect::<Vec<_>>()).await;
+            let got = self
+                .handle_with_retries(&records, handler, shutdown)
+                .await?;
+            for (i, r) in group.into_iter().zip(got) {
+                results[i] = Some(r);
+            }
+        }
+        Some(
+            results
+                .into_iter()
+                .map(|r| r.expect("every record has a result"))
+                .collect(),
+        )
     }
 
     /// Handles the batch, retrying the records whose errors call for it. `None` when shutdown
@@ -357,6 +413,12 @@ impl StageRunner {
     }
 }
 
+async fn settle(breaker: &mut Option<Breaker>, batch: &[Record], committed: bool) {
+    if let Some(b) = breaker {
+        b.settle(batch, committed).await;
+    }
+}
+
 /// What a stage process gets from its host (`fracture serve <stage>` or `fracture scan`).
 #[derive(Clone)]
 pub struct StageEnv {
@@ -400,6 +462,7 @@ impl StageEnv {
             metrics: self.metrics.clone(),
             retry: self.retry,
             batch,
+            crash_ledger: Some(self.store.clone()),
         };
         let mut restarts = 0;
         loop {

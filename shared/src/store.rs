@@ -77,6 +77,10 @@ fn key(sha256: &str) -> ObjectPath {
     ObjectPath::from(format!("sha256/{}/{}", &sha256[..2], sha256))
 }
 
+fn named(name: &str) -> ObjectPath {
+    ObjectPath::from(format!("records/{name}"))
+}
+
 impl BlobStore {
     pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
         let url = cfg.url.trim();
@@ -182,6 +186,37 @@ impl BlobStore {
             });
         }
         Ok(got)
+    }
+
+    /// Writes a small named record beside the content-addressed objects (the crash-loop
+    /// breaker's ledgers), replacing any record of that name.
+    pub async fn put_named(&self, name: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&named(name), PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// A named record, or `None` when there is none.
+    pub async fn get_named(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
+        match self.inner.get(&named(name)).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| StoreError::Unavailable(e.to_string())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Removes a named record; removing one that is not there is not an error.
+    pub async fn delete_named(&self, name: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&named(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
     }
 
     /// A cheap round trip that says whether the store answers (readiness).

@@ -313,6 +313,7 @@ async fn dead_letters_land_with_their_reason(bus: Arc<dyn Bus>, t: &Topics) {
             max: 4,
             linger_ms: 5,
         },
+        crash_ledger: None,
     };
     let b = bus.clone();
     let (inp, outp) = (input.clone(), output.clone());

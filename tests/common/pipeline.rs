@@ -104,6 +104,8 @@ pub struct Pipeline {
     /// What `serve ingest` back-scans.
     pub inputs: Vec<PathBuf>,
     procs: BTreeMap<String, Child>,
+    /// Address-space limits (KiB) per stage, see [`Pipeline::limit_memory`].
+    limits: BTreeMap<String, u64>,
 }
 
 impl Pipeline {
@@ -113,7 +115,14 @@ impl Pipeline {
             cfg: cfg.to_path_buf(),
             inputs: inputs.to_vec(),
             procs: BTreeMap::new(),
+            limits: BTreeMap::new(),
         }
+    }
+
+    /// Starts `stage` from now on under an address-space limit of `kib` KiB, as a container's
+    /// memory limit would: an input that needs more kills it (an allocation fails and it aborts).
+    pub fn limit_memory(&mut self, stage: &str, kib: u64) {
+        self.limits.insert(stage.to_string(), kib);
     }
 
     pub fn start_all(&mut self) {
@@ -135,7 +144,18 @@ impl Pipeline {
             .append(true)
             .open(self.dir.join(format!("{stage}.log")))
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.limits.get(stage) {
+            Some(kib) => {
+                let mut c = Command::new("bash");
+                c.args(["-c", r#"ulimit -v "$0" && exec "$@""#])
+                    .arg(kib.to_string())
+                    .arg(BIN)
+                    // glibc reserves 64 MiB of address space per thread arena otherwise.
+                    .env("MALLOC_ARENA_MAX", "2");
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("--config")
             .arg(&self.cfg)
             .arg("serve")
