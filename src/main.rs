@@ -55,15 +55,19 @@ enum Command {
         /// DICOM files or folders (a folder's files keep their path relative to it).
         #[arg(required_unless_present = "profile")]
         paths: Vec<PathBuf>,
-        /// Output folder; refused inputs are listed in DIR/dead-letter.jsonl.
+        /// Output folder; refused inputs are listed in DIR/dead-letter.jsonl by pseudonymous
+        /// reference, and their paths in DIR.refused-sources.jsonl beside it.
         #[arg(long, value_name = "DIR", required_unless_present = "profile")]
         out: Option<PathBuf>,
+        /// Replace files already in the output folder (by default such an input is refused).
+        #[arg(long)]
+        overwrite: bool,
         /// The de-identification key (at least 32 bytes): the same key maps UIDs the same way.
         #[arg(long, value_name = "FILE", required_unless_present = "profile")]
         key_file: Option<PathBuf>,
         /// Print the profile as applied (every PS3.15 Table E.1-1 row, its Basic Profile action
         /// and what fracture does with it) as a Markdown table, and exit.
-        #[arg(long, conflicts_with_all = ["paths", "out", "key_file"])]
+        #[arg(long, conflicts_with_all = ["paths", "out", "key_file", "overwrite"])]
         profile: bool,
     },
     /// Create the pipeline's Kafka topics (idempotent).
@@ -202,8 +206,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
             out: Some(out),
             key_file: Some(key_file),
+            overwrite,
             ..
-        } => deid::run(&config, &paths, &out, &key_file),
+        } => deid::run(&config, &paths, &out, &key_file, overwrite),
         Command::Deid { .. } => {
             anyhow::bail!(
                 "fracture deid needs PATH..., --out DIR and --key-file FILE (or --profile)"

@@ -64,17 +64,17 @@ fn exports_a_folder_keeping_paths_and_refusing_what_is_not_dicom() {
             text(&original, tags::PATIENT_SEX)
         );
     }
-    let refused = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    let refused = common::deid_refusals(&out);
     for (file, word) in [
         ("empty.dcm", "empty file"),
         ("fake.dcm", "not a DICOM file"),
         ("truncated.dcm", "cannot be parsed"),
     ] {
-        let line = refused
-            .lines()
-            .find(|l| l.contains(file))
-            .unwrap_or_else(|| panic!("{file} not refused:\n{refused}"));
-        assert!(line.contains(word), "{line}");
+        let (_, reason) = refused
+            .iter()
+            .find(|(source, _)| source.ends_with(file))
+            .unwrap_or_else(|| panic!("{file} not refused:\n{refused:?}"));
+        assert!(reason.contains(word), "{reason}");
     }
     assert!(
         !out.join("notes.txt").exists(),
@@ -136,10 +136,12 @@ fn declared_burned_in_text_is_refused_until_a_rule_cleans_it() {
         !out.join("burned.dcm").exists(),
         "not exported without a rule"
     );
-    let refused = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    let refused = common::deid_refusals(&out);
     assert!(
-        refused.contains("burned.dcm") && refused.contains("burned-in annotation"),
-        "{refused}"
+        refused
+            .iter()
+            .any(|(s, r)| s.ends_with("burned.dcm") && r.contains("burned-in annotation")),
+        "{refused:?}"
     );
 
     let config = work.path().join("rules.toml");

@@ -56,6 +56,42 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
     })
 }
 
+/// The decoders' own ceiling on Rows × Columns × frames × samples per pixel (16,384 square): a
+/// decoded image takes 6 to 10 bytes a pixel on its way to the model, so this bounds one input at
+/// a few GiB whatever a header claims. The edge refuses far less by default (`[ingest]
+/// max_pixels`).
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+/// Refuses, from the header alone, an image whose Rows × Columns × frames × samples per pixel
+/// passes `max_pixels`, before anything is decoded or allocated for it.
+pub fn check_size(obj: &DefaultDicomObject, max_pixels: u64) -> Result<(), StageError> {
+    let int = |tag, default: u64| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_int::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let (rows, columns) = (int(tags::ROWS, 0), int(tags::COLUMNS, 0));
+    let frames = int(tags::NUMBER_OF_FRAMES, 1).max(1);
+    let samples = int(tags::SAMPLES_PER_PIXEL, 1).max(1);
+    let total = rows
+        .saturating_mul(columns)
+        .saturating_mul(frames)
+        .saturating_mul(samples);
+    if total <= max_pixels {
+        return Ok(());
+    }
+    let shape = match (frames, samples) {
+        (1, 1) => format!("{rows} x {columns}"),
+        _ => format!("{rows} x {columns}, {frames} frame(s) of {samples} sample(s)"),
+    };
+    Err(StageError::data(format!(
+        "the image is {shape} = {total} pixel values, over the limit of {max_pixels}; no \
+         radiograph is that large (a stitched long-leg film is about 30 million). If this one is \
+         real, raise [ingest] max_pixels (at most {MAX_PIXELS})"
+    )))
+}
+
 /// Decodes the first (only) frame into its values after the modality LUT, in any transfer
 /// syntax this build decodes (uncompressed, deflated, RLE, JPEG lossless and baseline, JPEG-LS,
 /// JPEG 2000). Errors are data errors with a reason a person can act on.
@@ -81,6 +117,7 @@ pub fn decode_values(obj: &DefaultDicomObject) -> Result<RawValues, StageError> 
             ts_name(&ts_uid)
         )));
     }
+    check_size(obj, MAX_PIXELS)?;
     let decoded = obj.decode_pixel_data().map_err(|e| {
         if ts_uid == JPEG_EXTENDED {
             StageError::data(format!(

@@ -161,3 +161,42 @@ pub fn build_inputs(dir: &Path) -> Inputs {
         skipped: vec!["notes.txt"],
     }
 }
+
+/// What `fracture deid --out OUT` refused, as (source path, reason): `OUT/dead-letter.jsonl`
+/// names inputs by reference only (checked here: no line holds a refused file's name), and
+/// `OUT.refused-sources.jsonl` beside it maps the references back to paths.
+pub fn deid_refusals(out: &Path) -> Vec<(String, String)> {
+    let lines = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let letters = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
+    let mut name = out.file_name().unwrap().to_os_string();
+    name.push(".refused-sources.jsonl");
+    let sources: std::collections::HashMap<String, String> = lines(&out.with_file_name(name))
+        .into_iter()
+        .map(|v| {
+            (
+                v["input"].as_str().unwrap().into(),
+                v["source"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    letters
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let input = v["input"].as_str().unwrap();
+            let source = sources
+                .get(input)
+                .unwrap_or_else(|| panic!("{input} has no source beside the export"))
+                .clone();
+            let file = Path::new(&source).file_name().unwrap().to_string_lossy();
+            assert!(!l.contains(&*file), "a path in the export's refusals: {l}");
+            (source, v["reason"].as_str().unwrap().to_string())
+        })
+        .collect()
+}

@@ -45,6 +45,8 @@ pub struct DeidPolicy {
     pub quarantine: Option<std::path::PathBuf>,
     /// The region rules, applied here at the edge while the descriptions are still there.
     pub regions: fracture_shared::region::Regions,
+    /// Largest image accepted at the door (`[ingest] max_pixels`).
+    pub max_pixels: u64,
 }
 
 impl std::fmt::Debug for DeidPolicy {
@@ -98,6 +100,7 @@ impl DeidPolicy {
             pixel_rules: Vec::new(),
             quarantine: None,
             regions: fracture_shared::region::Regions::builtin(),
+            max_pixels: crate::DEFAULT_MAX_PIXELS,
         })
     }
 
@@ -107,6 +110,15 @@ impl DeidPolicy {
         m.update(&[0]);
         m.update(value.as_bytes());
         m.finalize().into_bytes().into()
+    }
+
+    /// An input's pseudonymous reference (`in-…`), by its path: what dead letters and the bus
+    /// carry instead of the path, which may hold a patient's name.
+    pub fn input_ref(&self, path: &std::path::Path) -> String {
+        format!(
+            "in-{}",
+            self.pseudonym("input", &path.display().to_string())
+        )
     }
 
     /// The same input UID gives the same pseudonym on every replica; another key, another one.

@@ -67,7 +67,14 @@ pub struct IngestConfig {
     /// (`region`, `keywords`) tried before the built-in table; `builtin = false` drops it,
     /// `misspellings = false` turns off one-letter typo matching.
     pub regions: region::RegionConfig,
+    /// Largest image accepted, as Rows × Columns × frames × samples per pixel, checked from the
+    /// header before anything is stored; generous for stitched long-leg films (about 30 million).
+    /// The decoders refuse more than `pixels::MAX_PIXELS` whatever this says.
+    pub max_pixels: u64,
 }
+
+/// `[ingest] max_pixels` unless set: four times a stitched long-leg film.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
 
 impl Default for IngestConfig {
     fn default() -> Self {
@@ -86,6 +93,7 @@ impl Default for IngestConfig {
             burned_in: Vec::new(),
             dicomweb: dicomweb::DicomwebConfig::default(),
             regions: region::RegionConfig::default(),
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -148,6 +156,7 @@ const RADIOGRAPH_CLASSES: &[&str] = &[
 ];
 
 use fracture_shared::dicom::text;
+use fracture_shared::pixels;
 
 /// Refuses what is not a CR or DX radiograph, saying what it was.
 pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
@@ -171,6 +180,15 @@ pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
     )))
 }
 
+/// An input's text on its way to the bus: printable ASCII only, at most `max` characters (a
+/// sender controls it; the bus and every dashboard downstream should not).
+fn clip(text: &str, max: usize) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(max)
+        .collect()
+}
+
 impl Ingest {
     /// De-identifies one DICOM file and stores the result. The pixel data is not decoded: it
     /// passes through as bytes (see [`deid::passthrough`]), so memory is one copy of the output.
@@ -184,13 +202,14 @@ impl Ingest {
         let src = Source::open(file)?;
         let obj = src.object();
         check_radiograph(obj)?;
+        pixels::check_size(obj, self.policy.max_pixels)?;
         let region = self.policy.regions.classify(&[
             text(obj, tags::BODY_PART_EXAMINED).as_deref(),
             text(obj, tags::STUDY_DESCRIPTION).as_deref(),
             text(obj, tags::SERIES_DESCRIPTION).as_deref(),
             text(obj, tags::PROTOCOL_NAME).as_deref(),
         ]);
-        let modality = text(obj, tags::MODALITY).unwrap_or_default();
+        let modality = clip(&text(obj, tags::MODALITY).unwrap_or_default(), 16);
         let rows = obj
             .element(tags::ROWS)
             .ok()
@@ -371,10 +390,7 @@ impl Ingest {
     /// once per input with its outcome and size.
     /// The pseudonymous reference of an input path: stable for a key, so a re-run recognises it.
     pub fn input_id(&self, path: &Path) -> String {
-        format!(
-            "in-{}",
-            self.policy.pseudonym("input", &path.display().to_string())
-        )
+        self.policy.input_ref(path)
     }
 
     pub async fn run_paths(
@@ -567,6 +583,7 @@ impl IngestConfig {
         p.regions =
             region::Regions::new(&self.regions).map_err(|e| deid::PolicyError::from(e.0))?;
         p.pixel_rules = self.burned_in.clone();
+        p.max_pixels = self.max_pixels;
         p.quarantine = Some(self.quarantine.trim())
             .filter(|q| !q.is_empty())
             .map(PathBuf::from);

@@ -19,24 +19,49 @@ pub struct CopyReport {
     pub bytes: u64,
 }
 
-/// One refused input, for `DIR/dead-letter.jsonl` (it stays with the export, at the edge).
+/// One refused input. `DIR/dead-letter.jsonl` travels with the copy, so it names the input by its
+/// pseudonymous reference only (paths hold patient names); [`sources_file`] maps the references
+/// back to paths and stays beside the copy, outside it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Refused {
-    pub source: String,
+    pub input: String,
     pub reason: String,
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
-/// Where an input's de-identified copy goes: its path relative to the root it was found under
-/// (a file given directly keeps its file name).
+/// Whether a copy may replace a file already in the output folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    Refuse,
+    Replace,
+}
+
+/// The reference → path list of a copy's refusals: `DIR.refused-sources.jsonl`, beside the
+/// output folder, so handing over the folder does not hand over the paths.
+pub fn sources_file(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".refused-sources.jsonl");
+    out.with_file_name(name)
+}
+
+/// Where an input's de-identified copy goes: its path relative to the folder it was found under
+/// (a DICOMDIR's media folder for its files; a file given directly keeps its file name).
 fn destination(root: &Path, file: &Path, out: &Path) -> PathBuf {
-    match file.strip_prefix(root) {
+    let base = if root.is_dir() {
+        root
+    } else {
+        root.parent().unwrap_or(Path::new(""))
+    };
+    match file.strip_prefix(base) {
         Ok(rel) if !rel.as_os_str().is_empty() => out.join(rel),
         _ => out.join(file.file_name().unwrap_or_default()),
     }
 }
 
-/// De-identifies one file into `dest` (written aside, renamed when complete); its size.
-fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<u64, String> {
+/// De-identifies one file into `dest` (written aside, renamed when complete); its size. An
+/// existing `dest` is replaced only when asked: it may be another input's copy of the same name.
+fn one(input: &Path, dest: &Path, policy: &DeidPolicy, existing: Existing) -> Result<u64, String> {
     let file =
         std::fs::File::open(input).map_err(|e| format!("cannot read the file: {}", e.kind()))?;
     let size = file
@@ -53,6 +78,22 @@ fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<u64, String> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create the output folder: {}", e.kind()))?;
+    }
+    // The name is claimed first (O_EXCL, on every file system), so two inputs of one name, or
+    // an earlier run's file, are never replaced unasked.
+    if existing == Existing::Refuse {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => "the output folder already holds a file of \
+                    this name (from an earlier run, or another input with the same relative \
+                    path); it was not replaced: choose an empty output folder, or pass \
+                    --overwrite to replace files"
+                    .to_string(),
+                kind => format!("cannot write the de-identified copy: {kind}"),
+            })?;
     }
     // Written aside and renamed once complete.
     let tmp = dest.with_extension("partial");
@@ -72,6 +113,9 @@ fn one(input: &Path, dest: &Path, policy: &DeidPolicy) -> Result<u64, String> {
         });
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
+        if existing == Existing::Refuse {
+            let _ = std::fs::remove_file(dest);
+        }
         return Err(e);
     }
     Ok(size)
@@ -89,6 +133,7 @@ pub fn copy_deidentified(
     roots: &[PathBuf],
     out: &Path,
     policy: &DeidPolicy,
+    existing: Existing,
     mut progress: impl FnMut(u64),
 ) -> std::io::Result<(CopyReport, Vec<Refused>)> {
     refuse_overlap(roots, out)?;
@@ -107,10 +152,12 @@ pub fn copy_deidentified(
                 .map(|item| match item {
                     Input::Skipped(_) => Done::Skipped,
                     Input::Unreadable(p, reason) => Done::Refused(p, reason),
-                    Input::File(p) => match one(&p, &destination(root, &p, out), policy) {
-                        Ok(n) => Done::Written(n),
-                        Err(reason) => Done::Refused(p, reason),
-                    },
+                    Input::File(p) => {
+                        match one(&p, &destination(root, &p, out), policy, existing) {
+                            Ok(n) => Done::Written(n),
+                            Err(reason) => Done::Refused(p, reason),
+                        }
+                    }
                 })
                 .collect();
             for d in done {
@@ -119,8 +166,9 @@ pub fn copy_deidentified(
                     Done::Refused(p, reason) => {
                         report.refused += 1;
                         refused.push(Refused {
-                            source: p.display().to_string(),
+                            input: policy.input_ref(&p),
                             reason,
+                            source: p,
                         });
                     }
                     Done::Written(n) => {
@@ -132,16 +180,46 @@ pub fn copy_deidentified(
             }
         }
     }
-    let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("dead-letter.jsonl"))?);
-    for r in &refused {
-        serde_json::to_writer(&mut f, r)?;
-        f.write_all(b"\n")?;
-    }
-    f.into_inner().map_err(|e| e.into_error())?;
+    write_refusals(out, &refused)?;
     // One sync of the output's file system when everything is written, instead of one per file:
     // the export reports success only once every copy is on disk.
     sync_file_system(out)?;
     Ok((report, refused))
+}
+
+/// `out/dead-letter.jsonl` (references and reasons) and, when anything was refused, the
+/// reference → path list beside `out` (mode 0600).
+fn write_refusals(out: &Path, refused: &[Refused]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("dead-letter.jsonl"))?);
+    for r in refused {
+        serde_json::to_writer(&mut f, r)?;
+        f.write_all(b"\n")?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?;
+    let sources = sources_file(out);
+    if refused.is_empty() {
+        return match std::fs::remove_file(&sources) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&sources)?;
+    let mut f = std::io::BufWriter::new(file);
+    for r in refused {
+        serde_json::to_writer(
+            &mut f,
+            &serde_json::json!({"input": r.input, "source": r.source.display().to_string()}),
+        )?;
+        f.write_all(b"\n")?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?;
+    Ok(())
 }
 
 /// Refuses an output folder that is an input folder, or inside one, or holds one, or the folder
@@ -182,7 +260,9 @@ fn refuse_overlap(roots: &[PathBuf], out: &Path) -> std::io::Result<()> {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
-                    "the output folder {} overlaps the input {}: the de-identified copies would                      replace the originals or be read back as inputs; choose an output folder                      outside the inputs",
+                    "the output folder {} overlaps the input {}: the de-identified copies would \
+                     replace the originals or be read back as inputs; choose an output folder \
+                     outside the inputs",
                     out.display(),
                     root.display()
                 ),

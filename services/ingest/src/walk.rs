@@ -141,7 +141,21 @@ pub fn walk(paths: &[PathBuf]) -> impl Iterator<Item = Input> + '_ {
                     .into_iter()
                     .filter_map(|entry| match entry {
                         Ok(e) if e.file_type().is_file() => Some(classify(e.into_path())),
-                        Ok(_) => None,
+                        Ok(e) if e.file_type().is_dir() => None,
+                        // Not followed: a link may lead out of the folder, loop, or reach a
+                        // file a second time. Listed, so nothing vanishes without a word.
+                        Ok(e) if e.path_is_symlink() => Some(Input::Unreadable(
+                            e.into_path(),
+                            "a symbolic link: links inside a scanned folder are not followed \
+                             (they can lead outside it or loop); give its target as an input \
+                             if it should be read"
+                                .into(),
+                        )),
+                        // Reading a FIFO or a device would block or never end.
+                        Ok(e) => Some(Input::Unreadable(
+                            e.into_path(),
+                            "not a regular file (a FIFO, socket or device): not read".into(),
+                        )),
                         Err(e) => {
                             let path = e
                                 .path()

@@ -121,6 +121,7 @@ async fn a_50_mb_radiograph_is_de_identified_in_a_small_multiple_of_its_size() {
             std::slice::from_ref(&input),
             &out,
             &policy,
+            fracture_ingest::research::Existing::Refuse,
             |_| {},
         )
     })
