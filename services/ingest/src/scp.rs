@@ -12,11 +12,12 @@ use dicom_core::{dicom_value, DataElement, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject, StandardDataDictionary};
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
-use dicom_ul::association::server::{AcceptCalledAeTitle, DefaultNegotiation};
+use dicom_ul::association::server::{AcceptCalledAeTitle, AccessControl, DefaultNegotiation};
 use dicom_ul::association::{AsyncServerAssociation, ServerAssociationOptions};
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
-    AssociationRJSource, PDataValue, PDataValueType, PresentationContextResultReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    PresentationContextResultReason,
 };
 use dicom_ul::Pdu;
 use sha2::{Digest, Sha256};
@@ -56,6 +57,13 @@ pub struct ScpConfig {
     /// A PEM bundle of CAs: when set, every sender must present a certificate one of them
     /// issued (mutual TLS, as BCP 195 asks of DICOM nodes); empty: any sender may connect.
     pub tls_client_ca_file: String,
+    /// Calling AE titles allowed to associate; empty: any. A guard against a misconfigured
+    /// modality sending here, not a security control (any sender can claim any title): use
+    /// `tls_client_ca_file` to know who sends.
+    pub calling_ae_titles: Vec<String>,
+    /// Seconds a peer may take to send each PDU once associated (a silent or trickling sender
+    /// loses its association slot after this long; Orthanc's DicomScpTimeout is also 30).
+    pub idle_timeout_s: u64,
 }
 
 impl Default for ScpConfig {
@@ -68,6 +76,8 @@ impl Default for ScpConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
+            calling_ae_titles: Vec::new(),
+            idle_timeout_s: 30,
         }
     }
 }
@@ -178,8 +188,6 @@ const MAX_PDU: u32 = 128 * 1024;
 /// A data set larger than this aborts the association rather than exhaust memory (radiographs
 /// are tens of MB).
 const MAX_OBJECT_BYTES: usize = 1 << 30;
-/// A silent peer is dropped after this long, so it cannot hold an association slot forever.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a new connection may take to ask for its association (dcmtk's ACSE timeout).
 const ASSOCIATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After shutdown, how long open associations may take to finish the object in hand.
@@ -499,6 +507,14 @@ pub async fn serve_on(
     let ctx = Arc::new(Context {
         tls,
         ae_title: cfg.ae_title.clone(),
+        senders: Senders(Arc::new(
+            cfg.calling_ae_titles
+                .iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        )),
+        idle: Duration::from_secs(cfg.idle_timeout_s.max(1)),
         spool,
         ingest,
         producer,
@@ -507,6 +523,9 @@ pub async fn serve_on(
         fatal_notify: Notify::new(),
     });
     let slots = Arc::new(Semaphore::new(cfg.max_associations.max(1)));
+    // Turning a sender away takes a task and a socket for up to REJECT_WAIT; past this many at
+    // once a connection is closed unanswered, so a flood cannot take the process's descriptors.
+    let rejecting = Arc::new(Semaphore::new(4 * cfg.max_associations.max(1)));
     tracing::info!(listen = %listener.local_addr()?, ae_title = %cfg.ae_title, max_associations = cfg.max_associations, tls = ctx.tls.is_some(), "DICOM SCP listening");
     let mut tasks = JoinSet::new();
     loop {
@@ -519,10 +538,16 @@ pub async fn serve_on(
                     Ok(slot) => {
                         tasks.spawn(association(ctx.clone(), socket, peer, slot));
                     }
-                    Err(_) => {
-                        tracing::warn!(peer = %peer, "association limit reached, rejecting (transient)");
-                        tasks.spawn(reject_busy(socket));
-                    }
+                    Err(_) => match rejecting.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tracing::warn!(peer = %peer, "association limit reached, rejecting (transient)");
+                            tasks.spawn(reject_busy(socket, permit));
+                        }
+                        Err(_) => {
+                            tracing::warn!(peer = %peer, "association limit reached and too many rejections under way, closing unanswered");
+                            drop(socket);
+                        }
+                    },
                 },
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving the open associations.
@@ -555,6 +580,8 @@ struct Context {
     /// DICOM TLS: every association is a TLS connection when set.
     tls: Option<Arc<rustls::ServerConfig>>,
     ae_title: String,
+    senders: Senders,
+    idle: Duration,
     spool: PathBuf,
     ingest: Arc<Ingest>,
     producer: Arc<Mutex<Box<dyn Producer>>>,
@@ -563,15 +590,41 @@ struct Context {
     fatal_notify: Notify,
 }
 
-fn options(
-    ae_title: &str,
-) -> ServerAssociationOptions<'static, AcceptCalledAeTitle, DefaultNegotiation> {
+/// Who may associate: callers that name our AE title, and, when the list is not empty, only
+/// from the calling AE titles on it.
+#[derive(Clone)]
+struct Senders(Arc<Vec<String>>);
+
+impl AccessControl for Senders {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        user_identity: Option<&dicom_ul::pdu::UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        AcceptCalledAeTitle.check_access(
+            this_ae_title,
+            calling_ae_title,
+            called_ae_title,
+            user_identity,
+        )?;
+        let calling = calling_ae_title.trim();
+        if self.0.is_empty() || self.0.iter().any(|t| t == calling) {
+            Ok(())
+        } else {
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        }
+    }
+}
+
+fn options(ctx: &Context) -> ServerAssociationOptions<'static, Senders, DefaultNegotiation> {
     let mut o = ServerAssociationOptions::new()
-        .accept_called_ae_title()
-        .ae_title(ae_title.to_string())
+        .ae_access_control(ctx.senders.clone())
+        .ae_title(ctx.ae_title.clone())
         .max_pdu_length(MAX_PDU)
-        .read_timeout(IDLE_TIMEOUT)
-        .write_timeout(IDLE_TIMEOUT)
+        .read_timeout(ctx.idle)
+        .write_timeout(ctx.idle)
         .with_abstract_syntax(uids::VERIFICATION);
     for class in STORAGE_CLASSES {
         o = o.with_abstract_syntax(*class);
@@ -582,14 +635,17 @@ fn options(
     o
 }
 
+/// How long a sender turned away has to send its association request.
+const REJECT_WAIT: Duration = Duration::from_secs(10);
+
 /// Answers an association over the limit with a transient rejection, after reading its request
 /// (closing with the request unread would reset the connection before the sender reads why).
-async fn reject_busy(mut socket: TcpStream) {
+async fn reject_busy(mut socket: TcpStream, _permit: OwnedSemaphorePermit) {
     let mut buf = bytes::BytesMut::new();
     let read =
         dicom_ul::association::read_pdu_from_wire_async(&mut socket, &mut buf, MAX_PDU, false);
     if !matches!(
-        tokio::time::timeout(Duration::from_secs(10), read).await,
+        tokio::time::timeout(REJECT_WAIT, read).await,
         Ok(Ok(Pdu::AssociationRQ(_)))
     ) {
         return;
@@ -630,7 +686,7 @@ async fn association(
     // A connection that never asks for an association must not hold its slot for the whole
     // idle timeout; and shutdown need not wait for one.
     let mut shutdown = ctx.shutdown.clone();
-    let options = options(&ctx.ae_title);
+    let options = options(&ctx);
     match ctx.tls.clone() {
         None => {
             let established = tokio::select! {

@@ -719,3 +719,127 @@ async fn a_hostile_command_set_ends_its_association_and_the_scp_goes_on() {
     assert_eq!((deid.len(), dead.len()), (1, 0));
     h.stop().await;
 }
+
+/// With an allow-list, only the calling AE titles on it may associate; the rest are rejected
+/// with the reason dcmtk prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_listed_calling_ae_titles_may_associate() {
+    let h = Harness::start_configured(|c| c.calling_ae_titles = vec!["MODALITY1".into()]).await;
+    let echo = |aet: &'static str| {
+        tokio::process::Command::new("echoscu")
+            .args(["-v", "-aet", aet, "-aec", AE, "127.0.0.1"])
+            .arg(h.port.to_string())
+            .output()
+    };
+    let turned = echo("INTRUDER").await.expect("echoscu runs");
+    let said = String::from_utf8_lossy(&turned.stderr).to_string()
+        + &String::from_utf8_lossy(&turned.stdout);
+    assert!(!turned.status.success(), "{said}");
+    assert!(said.contains("Calling AE Title Not Recognized"), "{said}");
+    let ok = echo("MODALITY1").await.expect("echoscu runs");
+    assert!(ok.status.success(), "{ok:?}");
+    h.stop().await;
+}
+
+/// A raw client associated with the SCP, for senders that then go quiet or trickle.
+async fn associate_raw(
+    port: u16,
+) -> dicom_ul::association::AsyncClientAssociation<tokio::net::TcpStream> {
+    dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("SLOW")
+        .called_ae_title(AE)
+        .with_presentation_context(
+            dicom_dictionary_std::uids::COMPUTED_RADIOGRAPHY_IMAGE_STORAGE,
+            vec![dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN],
+        )
+        .establish_async(format!("127.0.0.1:{port}").as_str())
+        .await
+        .expect("the SCP accepts the association")
+}
+
+/// Slow senders cannot hold the door: with one association slot and a 2 s idle timeout, a
+/// sender that goes silent and one that trickles a PDU a byte at a time each lose the slot
+/// within seconds, and 200 connections opened while the slot is taken are turned away (a few
+/// with a transient rejection, the rest closed at once) without stopping the SCP, which then
+/// stores a radiograph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_senders_lose_their_slot_and_a_flood_is_turned_away() {
+    use dicom_ul::association::AsyncAssociation;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::start_configured(|c| {
+        c.max_associations = 1;
+        c.idle_timeout_s = 2;
+    })
+    .await;
+    let echo = || {
+        tokio::process::Command::new("echoscu")
+            .args(["-aec", AE, "127.0.0.1"])
+            .arg(h.port.to_string())
+            .output()
+    };
+
+    // Silent after associating.
+    let mut silent = associate_raw(h.port).await;
+    assert!(!echo().await.unwrap().status.success(), "the slot is taken");
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), silent.receive()).await;
+    assert!(
+        matches!(ended, Ok(Err(_)) | Ok(Ok(dicom_ul::Pdu::AbortRQ { .. }))),
+        "the silent association is ended: {ended:?}"
+    );
+    eprintln!("silent sender dropped after {:?}", started.elapsed());
+    assert!(echo().await.unwrap().status.success(), "the slot is free");
+
+    // Trickling: a P-DATA-TF header announcing 1,000 bytes, then a byte every 300 ms.
+    let mut trickle = associate_raw(h.port).await;
+    let stream = trickle.inner_stream();
+    stream
+        .write_all(&[0x04, 0, 0, 0, 0x03, 0xE8])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if stream.write_all(&[0]).await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a trickling sender keeps its slot");
+    eprintln!("trickling sender cut after {:?}", started.elapsed());
+    drop(trickle);
+
+    // A flood while the slot is held.
+    let hold = associate_raw(h.port).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut closed_at_once = 0;
+    for s in &mut flood {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) | Ok(Err(_)) =
+            tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await
+        {
+            closed_at_once += 1;
+        }
+    }
+    assert!(
+        closed_at_once >= 190,
+        "{closed_at_once} of 200 closed at once"
+    );
+    drop(flood);
+    drop(hold);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rg3 = fixture("RG3_UNCR.dcm");
+    let sent = h.dcmsend(&[&rg3], &[]).await;
+    assert!(sent.status.success(), "the SCP serves after the flood");
+    let (deid, _) = h.published().await;
+    assert_eq!(deid.len(), 1);
+    h.stop().await;
+}
