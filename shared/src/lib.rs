@@ -10,6 +10,7 @@ pub mod dicom_outputs;
 pub mod error;
 pub mod gate;
 pub mod html;
+pub mod http;
 pub mod messages;
 pub mod metrics;
 pub mod otlp;

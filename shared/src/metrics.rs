@@ -165,7 +165,7 @@ pub async fn serve(
             }),
         );
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = crate::http::serve(listener, app, std::future::pending()).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });

@@ -777,15 +777,13 @@ pub async fn serve(
             format!("{addr} resolves to no address"),
         ));
     }
-    if !token_configured {
-        if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "refusing to serve the audit dashboard on {open} without a token: set a dashboard token to serve it beyond this machine, or bind to a loopback address such as 127.0.0.1"
-                ),
-            ));
-        }
+    for a in &addrs {
+        fracture_shared::http::loopback_unless_guarded(
+            *a,
+            token_configured,
+            "the audit dashboard",
+            "set a dashboard token to serve it beyond this machine",
+        )?;
     }
     let listener = tokio::net::TcpListener::bind(&addrs[..]).await?;
     let local = listener.local_addr()?;
@@ -795,7 +793,8 @@ pub async fn serve(
         tracing::info!(addr = %local, "audit dashboard listening on loopback only (no token configured)");
     }
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        if let Err(e) = fracture_shared::http::serve(listener, router, std::future::pending()).await
+        {
             tracing::error!(error = %e, "audit dashboard stopped");
         }
     });

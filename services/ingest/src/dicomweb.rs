@@ -58,6 +58,9 @@ pub struct DicomwebConfig {
     pub stow_max_bytes: u64,
     /// STOW-RS requests handled at once; more are answered 503 with Retry-After.
     pub stow_max_requests: usize,
+    /// Seconds a STOW-RS body may stall before the request is answered 408 (a stalled sender
+    /// would hold a request slot for good).
+    pub stow_idle_timeout_s: u64,
 }
 
 impl Default for DicomwebConfig {
@@ -76,6 +79,7 @@ impl Default for DicomwebConfig {
             stow_token_file: String::new(),
             stow_max_bytes: 1 << 30,
             stow_max_requests: 4,
+            stow_idle_timeout_s: 30,
         }
     }
 }

@@ -998,14 +998,20 @@ struct Stow {
 
 impl Stow {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// An endpoint whose configuration `f` adjusts.
+    async fn start_with(f: impl FnOnce(&mut DicomwebConfig)) -> Self {
         let pipe = Pipe::new().await;
         let token_file = pipe.dir.path().join("stow-token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token");
-        let cfg = DicomwebConfig {
+        let mut cfg = DicomwebConfig {
             spool: pipe.spool().display().to_string(),
             stow_token_file: token_file.display().to_string(),
             ..Default::default()
         };
+        f(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free port");
@@ -1368,4 +1374,104 @@ async fn orthanc_pushes_to_our_stow_endpoint_with_its_own_client() {
     assert_deidentified(&rg3, &stow.pipe.blob(&deid[0]).await);
     let _ = curl(&["-X", "DELETE", &format!("{rest}/dicom-web/servers/{name}")]);
     stow.stop().await;
+}
+
+/// Hostile STOW-RS requests are each refused with a status and a reason, and the endpoint goes
+/// on: a part with 100 KB of headers, 10,001 parts, a body that stalls half way (408 after the
+/// idle timeout), a request whose headers trickle in (cut off); then a radiograph is stored. An
+/// endpoint without a token is refused on anything but loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stow_refuses_hostile_requests_and_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rg3 = std::fs::read(fixture("RG3_UNCR.dcm")).expect("read RG3");
+    let mut stow = Stow::start_with(|c| c.stow_idle_timeout_s = 2).await;
+
+    let junk = format!("X-Junk: {}", "a".repeat(100_000));
+    let (status, _, body) = stow
+        .post(
+            "/studies",
+            &[(&format!("application/dicom\r\n{junk}"), rg3.clone())],
+            &[MULTIPART, AUTH],
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("headers run past 16384 bytes"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let many: Vec<(&str, Vec<u8>)> = (0..10_001).map(|_| ("application/dicom", vec![])).collect();
+    let (status, _, body) = stow.post("/studies", &many, &[MULTIPART, AUTH]).await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("more than 10000 parts"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // Headers and the first 100 bytes of a 100,000-byte body, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", stow.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /studies HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n{MULTIPART}\r\nContent-Length: 100000\r\n\r\n"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&[b'-'; 100]).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(15), stalled.read(&mut answer))
+        .await
+        .expect("answered within the idle timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Headers a line every 500 ms: cut off by the header-read timeout.
+    let mut trickle = tokio::net::TcpStream::connect(("127.0.0.1", stow.port))
+        .await
+        .unwrap();
+    trickle
+        .write_all(b"POST /studies HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut cut = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut b = [0u8; 64];
+        if trickle.write_all(b"X-Slow: 1\r\n").await.is_err()
+            || matches!(
+                tokio::time::timeout(Duration::from_millis(1), trickle.read(&mut b)).await,
+                Ok(Ok(_)) | Ok(Err(_))
+            )
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a client trickling its headers keeps its connection");
+
+    let (status, _, _) = stow
+        .post(
+            "/studies",
+            &[("application/dicom", rg3)],
+            &[MULTIPART, AUTH],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (deid, dead) = stow.pipe.published().await;
+    assert_eq!((deid.len(), dead.len()), (1, 0));
+    let pipe = stow.stop().await;
+
+    // No token: loopback only.
+    let open = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let (_stop, shutdown) = Shutdown::new();
+    let cfg = DicomwebConfig {
+        spool: pipe.spool().display().to_string(),
+        ..Default::default()
+    };
+    let producer = Arc::new(Mutex::new(pipe.producer("stow-open").await));
+    let refused = dicomweb::serve_stow_on(open, &cfg, pipe.ingest.clone(), producer, shutdown)
+        .await
+        .expect_err("an open endpoint without a token");
+    assert!(refused.to_string().contains("without a token"), "{refused}");
 }

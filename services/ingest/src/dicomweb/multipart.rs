@@ -108,8 +108,12 @@ impl Part {
 #[error("malformed multipart body: {0}")]
 pub struct MultipartError(pub String);
 
-/// Refuses bodies with absurdly many parts before allocating for them.
-pub const MAX_PARTS: usize = 100_000;
+/// Refuses bodies with absurdly many parts before allocating for them (a study of radiographs
+/// has a handful; each part becomes an input with its own answer and, when refused, a dead
+/// letter).
+pub const MAX_PARTS: usize = 10_000;
+/// A part's header block: a few hundred bytes in practice.
+pub const MAX_PART_HEADERS: usize = 16 * 1024;
 
 /// Splits `body` into its parts (zero-copy slices). The preamble and epilogue are ignored; a
 /// body without its closing delimiter is refused, since its last part may be cut short.
@@ -209,17 +213,24 @@ fn line_end(data: &[u8], from: usize) -> Option<usize> {
 
 fn part(body: &Bytes, start: usize, end: usize) -> Result<Part, MultipartError> {
     let data = &body[start..end];
-    // Headers end at the first empty line; a part may have none at all.
+    // Headers end at the first empty line; a part may have none at all. Only the first
+    // MAX_PART_HEADERS bytes are searched, so a part of megabytes of "headers" is refused
+    // without being scanned or split into lines.
+    let head_area = &data[..data.len().min(MAX_PART_HEADERS + 4)];
     let (head_len, content_offset) = if data.is_empty() {
         (0, 0)
     } else if data.starts_with(b"\r\n") {
         (0, 2)
     } else if data.starts_with(b"\n") {
         (0, 1)
-    } else if let Some(p) = memmem::find(data, b"\r\n\r\n") {
+    } else if let Some(p) = memmem::find(head_area, b"\r\n\r\n") {
         (p, p + 4)
-    } else if let Some(p) = memmem::find(data, b"\n\n") {
+    } else if let Some(p) = memmem::find(head_area, b"\n\n") {
         (p, p + 2)
+    } else if data.len() > MAX_PART_HEADERS {
+        return Err(MultipartError(format!(
+            "a part's headers run past {MAX_PART_HEADERS} bytes (or it has no empty line after them)"
+        )));
     } else {
         return Err(MultipartError(
             "a part has no empty line after its headers".into(),

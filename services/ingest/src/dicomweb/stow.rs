@@ -54,6 +54,7 @@ struct Context {
     spool: PathBuf,
     token: Option<String>,
     max_bytes: u64,
+    body_idle: std::time::Duration,
     slots: Arc<Semaphore>,
     fatal: AtomicBool,
     fatal_notify: Notify,
@@ -81,6 +82,12 @@ pub async fn serve_stow_on(
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let token = read_token(cfg).map_err(|e| std::io::Error::other(e.0))?;
+    fracture_shared::http::loopback_unless_guarded(
+        listener.local_addr()?,
+        token.is_some(),
+        "STOW-RS",
+        "set ingest.dicomweb.stow_token_file so senders must present it",
+    )?;
     let spool = cfg.spool_dir();
     prepare_spool(&spool, "stow-")?;
     let ctx = Arc::new(Context {
@@ -89,6 +96,7 @@ pub async fn serve_stow_on(
         spool,
         token,
         max_bytes: cfg.stow_max_bytes,
+        body_idle: std::time::Duration::from_secs(cfg.stow_idle_timeout_s.max(1)),
         slots: Arc::new(Semaphore::new(cfg.stow_max_requests.max(1))),
         fatal: AtomicBool::new(false),
         fatal_notify: Notify::new(),
@@ -99,14 +107,13 @@ pub async fn serve_stow_on(
         .with_state(ctx.clone());
     tracing::info!(listen = %listener.local_addr()?, authenticated = ctx.token.is_some(), max_requests = cfg.stow_max_requests, "STOW-RS listening");
     let stopping = ctx.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = shutdown.wait() => {}
-                _ = stopping.fatal_notify.notified() => {}
-            }
-        })
-        .await?;
+    fracture_shared::http::serve(listener, app, async move {
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            _ = stopping.fatal_notify.notified() => {}
+        }
+    })
+    .await?;
     if ctx.fatal.load(Ordering::SeqCst) {
         return Err(std::io::Error::other(
             "the bus failed fatally (another instance took over?); restart the STOW-RS endpoint",
@@ -218,6 +225,16 @@ async fn store(ctx: Arc<Context>, study: Option<String>, request: Request) -> Re
                 StatusCode::BAD_REQUEST,
                 "the request body could not be read",
             )
+        }
+        Err(BodyRefused::Stalled) => {
+            tracing::warn!("a STOW-RS body stalled, answering 408");
+            return plain(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the request body stopped arriving for {} s; send it again",
+                    ctx.body_idle.as_secs()
+                ),
+            );
         }
         Err(BodyRefused::Spool(e)) => {
             tracing::error!(error = %e, spool = %ctx.spool.display(), "cannot spool a STOW-RS request");
@@ -396,6 +413,7 @@ async fn store_part(
 enum BodyRefused {
     TooLarge,
     Unreadable,
+    Stalled,
     Spool(std::io::Error),
 }
 
@@ -423,7 +441,13 @@ async fn receive_body(ctx: &Context, body: Body) -> Result<Bytes, BodyRefused> {
         let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let mut body = body;
         let mut total: u64 = 0;
-        while let Some(frame) = body.frame().await {
+        loop {
+            // A sender that stalls mid-body would hold a request slot for good.
+            let frame = match tokio::time::timeout(ctx.body_idle, body.frame()).await {
+                Err(_) => return Err(BodyRefused::Stalled),
+                Ok(None) => break,
+                Ok(Some(frame)) => frame,
+            };
             let frame = frame.map_err(|_| BodyRefused::Unreadable)?;
             let Ok(data) = frame.into_data() else {
                 continue;
