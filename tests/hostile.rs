@@ -7,88 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::hostile::{deeply_nested, length_bomb};
+
 const BIN: &str = env!("CARGO_BIN_EXE_fracture");
-const CR: &str = "1.2.840.10008.5.1.4.1.1.1";
-
-/// An explicit VR little endian element with a 2-byte length.
-fn short(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
-    let mut v = value.to_vec();
-    if v.len() % 2 == 1 {
-        v.push(0);
-    }
-    let mut e = Vec::new();
-    e.extend_from_slice(&tag.0.to_le_bytes());
-    e.extend_from_slice(&tag.1.to_le_bytes());
-    e.extend_from_slice(vr);
-    e.extend_from_slice(&(v.len() as u16).to_le_bytes());
-    e.extend_from_slice(&v);
-    e
-}
-
-/// An implicit VR little endian element.
-fn implicit(tag: (u16, u16), value: &[u8]) -> Vec<u8> {
-    let mut v = value.to_vec();
-    if v.len() % 2 == 1 {
-        v.push(0);
-    }
-    let mut e = Vec::new();
-    e.extend_from_slice(&tag.0.to_le_bytes());
-    e.extend_from_slice(&tag.1.to_le_bytes());
-    e.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    e.extend_from_slice(&v);
-    e
-}
-
-/// Preamble, `DICM`, a meta group naming implicit VR little endian, and the start of a CR data
-/// set; the caller appends the rest.
-fn part10_head(instance: &str) -> Vec<u8> {
-    let mut meta = Vec::new();
-    meta.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
-    meta.extend(short((0x0002, 0x0002), b"UI", CR.as_bytes()));
-    meta.extend(short((0x0002, 0x0003), b"UI", instance.as_bytes()));
-    meta.extend(short((0x0002, 0x0010), b"UI", b"1.2.840.10008.1.2"));
-    meta.extend(short(
-        (0x0002, 0x0012),
-        b"UI",
-        b"1.2.826.0.1.3680043.10.543",
-    ));
-    let mut f = vec![0u8; 128];
-    f.extend_from_slice(b"DICM");
-    f.extend(short(
-        (0x0002, 0x0000),
-        b"UL",
-        &(meta.len() as u32).to_le_bytes(),
-    ));
-    f.extend(meta);
-    f.extend(implicit((0x0008, 0x0016), CR.as_bytes()));
-    f.extend(implicit((0x0008, 0x0018), instance.as_bytes()));
-    f.extend(implicit((0x0008, 0x0060), b"CR"));
-    f.extend(implicit((0x0020, 0x000D), b"2.25.4242"));
-    f
-}
-
-/// About 100,000 levels of undefined-length sequences: 1.6 MB that overflowed any stack.
-fn deeply_nested() -> Vec<u8> {
-    let mut f = part10_head("2.25.1001");
-    let levels = 100_000;
-    for _ in 0..levels {
-        f.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
-        f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    }
-    for _ in 0..levels {
-        f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        f.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-    }
-    f
-}
-
-/// A few hundred bytes whose PatientName declares 0xFFFFFFF0 bytes.
-fn length_bomb() -> Vec<u8> {
-    let mut f = part10_head("2.25.1002");
-    f.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, 0xF0, 0xFF, 0xFF, 0xFF]);
-    f.extend_from_slice(b"Doe^Jane");
-    f
-}
 
 fn inputs(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();

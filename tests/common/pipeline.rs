@@ -190,6 +190,17 @@ impl Pipeline {
         assert!(st.success(), "kill -{signal} {stage}");
     }
 
+    /// The highest resident memory `stage`'s process has had (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self, stage: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.procs[stage].id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
     pub fn is_running(&mut self, stage: &str) -> bool {
         self.procs
             .get_mut(stage)
