@@ -297,8 +297,7 @@ async fn collect(p: &mut Pipeline, args: &ScanArgs) -> anyhow::Result<Collected>
         &args.paths,
         p.producer.as_mut(),
         p.ingest_batch,
-        &done,
-        None,
+        fracture_ingest::Resume::skipping(&done),
         |outcome, bytes| {
             if matches!(outcome, Outcome::Produced | Outcome::DeadLettered) {
                 ingested += 1;

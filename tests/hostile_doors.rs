@@ -337,3 +337,78 @@ stow_idle_timeout_s = 2
     let failures = p.stop();
     assert!(failures.is_empty(), "clean SIGTERM exit: {failures:?}");
 }
+
+/// The folder door's crash-loop breaker: a file that three earlier ingest processes died reading
+/// (their marks left in the ledger, as a process killed mid-read leaves them) is dead-lettered
+/// unopened by the next start, and the files beside it are published. The real crash behind
+/// such marks is proven on a consuming stage in `tests/chaos.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_earlier_ingest_processes_died_reading_is_set_aside() {
+    use fracture_shared::breaker::{Breaker, Unit};
+    use fracture_shared::store::{BlobStore, StoreConfig};
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let folder = work.join("in");
+    std::fs::create_dir_all(&folder).unwrap();
+    for (name, uid) in [
+        ("a.dcm", "2.25.9401"),
+        ("victim.dcm", "2.25.9402"),
+        ("z.dcm", "2.25.9403"),
+    ] {
+        hostile::radiograph(&folder.join(name), uid);
+    }
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("breaker");
+    let topics = Topics::new(&prefix);
+    let bus = KafkaBus::new(KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    });
+    bus.create_topics(&topics.all(), 3).await.unwrap();
+    let key = work.join("deid.key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let run = work.join("run");
+    let cfg = pipeline::write_null_config(&run, &brokers, &prefix, &key, "");
+    let victim = fracture_ingest::DeidPolicy::new(vec![9u8; 32], "E2E", "2.25")
+        .unwrap()
+        .input_ref(&folder.join("victim.dcm"));
+    let store = BlobStore::open(&StoreConfig {
+        url: run.join("store").display().to_string(),
+        ..Default::default()
+    })
+    .unwrap();
+    let unit = Unit {
+        ledger: "run-0".into(),
+        key: victim.clone(),
+    };
+    for _ in 0..3 {
+        let mut dead = Breaker::new(store.clone(), "ingest", 3);
+        dead.admit(std::slice::from_ref(&unit)).await;
+        dead.in_flight(&[&unit]).await;
+    }
+
+    let mut p = Pipeline::new(&run, &cfg, std::slice::from_ref(&folder));
+    p.start("ingest");
+    let out = outputs(&bus, &topics, 3).await;
+    let letters: Vec<DeadLetter> = out
+        .iter()
+        .filter(|r| r.topic == topics.of::<DeadLetter>())
+        .map(|r| decode(&r.payload).unwrap())
+        .collect();
+    assert_eq!(out.len(), 3, "{letters:#?}\n{}", p.logs());
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].input.as_deref(), Some(victim.as_str()));
+    assert!(
+        letters[0].reason.contains("died 3 times"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(pipeline::plain(&p.log("ingest")).contains("an earlier process died"));
+    assert!(p.stop().is_empty());
+    // Published and settled: the ledger no longer charges the file.
+    let mut after = Breaker::new(store, "ingest", 3);
+    assert_eq!(
+        after.admit(&[unit]).await,
+        vec![fracture_shared::breaker::Admission::Fresh]
+    );
+}

@@ -1,11 +1,12 @@
 //! The crash-loop breaker. An input that kills a stage process (out of memory, an abort, a stack
-//! overflow) is never committed, so the bus hands it to the next process, which dies the same
-//! way, forever, and holds up everything behind it on its partition. Before a batch is handled
-//! the stage writes the offsets in flight to a small ledger per partition in the claim-check
-//! store, and clears them once the batch is committed or given back. A process that finds offsets
-//! still marked in flight knows its predecessor died holding them: each is charged one crash; a
-//! batch holding a charged input is handled one record at a time, so the next crash is charged
-//! to the culprit alone; an input charged `crash_limit` times is dead-lettered unopened.
+//! overflow) is never committed, so the bus hands it to the next process (or a resumed folder
+//! scan reads it again), which dies the same way, forever, and holds up everything behind it.
+//! Before inputs are handled the stage writes which are in flight to a small ledger in the
+//! claim-check store (one per partition, or per folder-scanning ingest instance), and clears
+//! them once they are committed or given back. A process that finds inputs still marked in
+//! flight knows its predecessor died holding them: each is charged one crash; a batch holding a
+//! charged input is handled one record at a time, so the next crash is charged to the culprit
+//! alone; an input charged `crash_limit` times is dead-lettered unopened.
 //!
 //! A revoked owner that is still finishing its batch when the new owner reads the ledger looks
 //! like a crash, charging its inputs once; the limit leaves room for that. When the store cannot
@@ -33,19 +34,34 @@ pub enum Admission {
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Ledger {
-    in_flight: Vec<i64>,
-    /// Offset → crashes it was in flight during; only offsets not yet committed.
-    crashes: BTreeMap<i64, u32>,
+    in_flight: Vec<String>,
+    /// Input → crashes it was in flight during; only inputs not yet committed.
+    crashes: BTreeMap<String, u32>,
 }
 
-type Partition = (String, i32);
+/// One input as the breaker knows it: the ledger it is kept in and its key there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Unit {
+    pub ledger: String,
+    pub key: String,
+}
+
+impl Unit {
+    /// A record from the bus: its partition's ledger, its offset.
+    pub fn of(record: &Record) -> Self {
+        Self {
+            ledger: format!("{}/{}", record.topic, record.partition),
+            key: record.offset.to_string(),
+        }
+    }
+}
 
 /// One stage's breaker over the partitions it consumes.
 pub struct Breaker {
     store: BlobStore,
     stage: &'static str,
     limit: u32,
-    ledgers: HashMap<Partition, Ledger>,
+    ledgers: HashMap<String, Ledger>,
 }
 
 impl Breaker {
@@ -58,20 +74,24 @@ impl Breaker {
         }
     }
 
-    fn name(&self, (topic, partition): &Partition) -> String {
-        format!("breaker/{}/{topic}/{partition}", self.stage)
+    fn name(&self, ledger: &str) -> String {
+        format!("breaker/{}/{ledger}", self.stage)
     }
 
-    /// Reads the ledgers of the batch's partitions, charges a crash to every offset a dead
-    /// predecessor left in flight, and says what to do with each record.
-    pub async fn admit(&mut self, batch: &[Record]) -> Vec<Admission> {
+    /// Forgets the ledgers read so far, so the next [`Breaker::admit`] reads them again (other
+    /// processes may have written them since).
+    pub fn forget(&mut self) {
         self.ledgers.clear();
-        for record in batch {
-            let p = (record.topic.clone(), record.partition);
-            if self.ledgers.contains_key(&p) {
+    }
+
+    /// Reads the ledgers of `units` not read yet, charges a crash to every input a dead
+    /// predecessor left in flight, and says what to do with each unit.
+    pub async fn admit(&mut self, units: &[Unit]) -> Vec<Admission> {
+        for unit in units {
+            if self.ledgers.contains_key(&unit.ledger) {
                 continue;
             }
-            let mut ledger = match self.store.get_named(&self.name(&p)).await {
+            let mut ledger = match self.store.get_named(&self.name(&unit.ledger)).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<Ledger>(&bytes).unwrap_or_default(),
                 Ok(None) => Ledger::default(),
                 Err(e) => {
@@ -79,27 +99,19 @@ impl Breaker {
                     Ledger::default()
                 }
             };
-            for offset in std::mem::take(&mut ledger.in_flight) {
-                *ledger.crashes.entry(offset).or_default() += 1;
-                tracing::error!(stage = self.stage, topic = %p.0, partition = p.1, offset, "an earlier process died with this input in flight");
+            for key in std::mem::take(&mut ledger.in_flight) {
+                tracing::error!(stage = self.stage, ledger = %unit.ledger, input = %key, "an earlier process died with this input in flight");
+                *ledger.crashes.entry(key).or_default() += 1;
             }
-            // The batch starts at the committed offset: anything before it is done with.
-            let first = batch
-                .iter()
-                .filter(|r| r.topic == p.0 && r.partition == p.1)
-                .map(|r| r.offset)
-                .min()
-                .unwrap_or(i64::MAX);
-            ledger.crashes.retain(|&o, _| o >= first);
-            self.ledgers.insert(p, ledger);
+            self.ledgers.insert(unit.ledger.clone(), ledger);
         }
-        batch
+        units
             .iter()
-            .map(|r| {
+            .map(|u| {
                 let crashes = self
                     .ledgers
-                    .get(&(r.topic.clone(), r.partition))
-                    .and_then(|l| l.crashes.get(&r.offset))
+                    .get(&u.ledger)
+                    .and_then(|l| l.crashes.get(&u.key))
                     .copied()
                     .unwrap_or(0);
                 match crashes {
@@ -111,31 +123,31 @@ impl Breaker {
             .collect()
     }
 
-    /// Marks `records` in flight (and only them, per partition) before they are handled.
-    pub async fn in_flight(&mut self, records: &[&Record]) {
+    /// Marks `units` in flight (and only them) before they are handled.
+    pub async fn in_flight(&mut self, units: &[&Unit]) {
         for ledger in self.ledgers.values_mut() {
             ledger.in_flight.clear();
         }
-        for r in records {
+        for u in units {
             self.ledgers
-                .entry((r.topic.clone(), r.partition))
+                .entry(u.ledger.clone())
                 .or_default()
                 .in_flight
-                .push(r.offset);
+                .push(u.key.clone());
         }
         self.write_all().await;
     }
 
-    /// After the batch: committed, its partitions' crash counts up to its last offset go; given
-    /// back, they stay for whoever gets the batch next. Nothing is left marked in flight.
-    pub async fn settle(&mut self, batch: &[Record], committed: bool) {
+    /// After handling `units`: committed, their crash counts go; given back, the counts stay for
+    /// whoever handles them next. Nothing is left marked in flight.
+    pub async fn settle(&mut self, units: &[Unit], committed: bool) {
         for ledger in self.ledgers.values_mut() {
             ledger.in_flight.clear();
         }
         if committed {
-            for r in batch {
-                if let Some(l) = self.ledgers.get_mut(&(r.topic.clone(), r.partition)) {
-                    l.crashes.remove(&r.offset);
+            for u in units {
+                if let Some(l) = self.ledgers.get_mut(&u.ledger) {
+                    l.crashes.remove(&u.key);
                 }
             }
         }
@@ -143,8 +155,8 @@ impl Breaker {
     }
 
     async fn write_all(&self) {
-        for (p, ledger) in &self.ledgers {
-            let name = self.name(p);
+        for (ledger_name, ledger) in &self.ledgers {
+            let name = self.name(ledger_name);
             let written = if ledger == &Ledger::default() {
                 self.store.delete_named(&name).await
             } else {
@@ -174,15 +186,15 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    fn record(partition: i32, offset: i64) -> Record {
-        Record {
+    fn record(partition: i32, offset: i64) -> Unit {
+        Unit::of(&Record {
             topic: "in".into(),
             partition,
             offset,
             key: None,
             payload: vec![],
             headers: vec![],
-        }
+        })
     }
 
     fn store(dir: &std::path::Path) -> BlobStore {
@@ -194,7 +206,7 @@ mod tests {
     }
 
     /// A process that marks a batch in flight and dies before settling it.
-    async fn die_holding(dir: &std::path::Path, batch: &[Record], limit: u32) -> Vec<Admission> {
+    async fn die_holding(dir: &std::path::Path, batch: &[Unit], limit: u32) -> Vec<Admission> {
         let mut b = Breaker::new(store(dir), "stage", limit);
         let admitted = b.admit(batch).await;
         b.in_flight(&batch.iter().collect::<Vec<_>>()).await;

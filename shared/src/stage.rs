@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::breaker::{Admission, Breaker};
+use crate::breaker::{Admission, Breaker, Unit};
 use crate::bus::{BusError, OutRecord, Record, StageIo, Topics};
 use crate::error::{Decision, RetryPolicy, StageError};
 use crate::messages::{encode, schema, DeadLetter, Message, Origin};
@@ -296,7 +296,9 @@ impl StageRunner {
         let Some(breaker) = breaker else {
             return self.handle_with_retries(batch, handler, shutdown).await;
         };
-        let admitted = breaker.admit(batch).await;
+        let units: Vec<Unit> = batch.iter().map(Unit::of).collect();
+        breaker.forget();
+        let admitted = breaker.admit(&units).await;
         let mut results: Vec<Option<Result<Vec<Output>, StageError>>> = admitted
             .iter()
             .map(|a| match *a {
@@ -312,7 +314,9 @@ impl StageRunner {
         };
         for group in groups.into_iter().filter(|g| !g.is_empty()) {
             let records: Vec<Record> = group.iter().map(|&i| batch[i].clone()).collect();
-            breaker.in_flight(&records.iter().collect::<Vec<_>>()).await;
+            breaker
+                .in_flight(&group.iter().map(|&i| &units[i]).collect::<Vec<_>>())
+                .await;
             let got = self
                 .handle_with_retries(&records, handler, shutdown)
                 .await?;
@@ -415,7 +419,8 @@ impl StageRunner {
 
 async fn settle(breaker: &mut Option<Breaker>, batch: &[Record], committed: bool) {
     if let Some(b) = breaker {
-        b.settle(batch, committed).await;
+        let units: Vec<Unit> = batch.iter().map(Unit::of).collect();
+        b.settle(&units, committed).await;
     }
 }
 

@@ -155,6 +155,7 @@ const RADIOGRAPH_CLASSES: &[&str] = &[
     uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PROCESSING,
 ];
 
+use fracture_shared::breaker::{Admission, Breaker, Unit};
 use fracture_shared::dicom::text;
 use fracture_shared::pixels;
 
@@ -400,15 +401,9 @@ impl Ingest {
         batch: usize,
         progress: impl FnMut(Outcome, u64),
     ) -> Result<IngestReport, BusError> {
-        self.run_paths_resuming(
-            paths,
-            producer,
-            batch,
-            &std::collections::HashSet::new(),
-            None,
-            progress,
-        )
-        .await
+        let done = std::collections::HashSet::new();
+        self.run_paths_resuming(paths, producer, batch, Resume::skipping(&done), progress)
+            .await
     }
 
     /// Like [`Ingest::process`], but an input that failed for an external reason (the store or
@@ -457,20 +452,22 @@ impl Ingest {
         }
     }
 
-    /// Like [`Ingest::run_paths`], skipping the inputs in `done` (their references, see
-    /// [`Ingest::input_id`]): a resumed back-scan sends nothing twice. When `stop` is set, it
-    /// sends what it has and returns between inputs (what is left is for the next run).
+    /// Like [`Ingest::run_paths`], resuming as `resume` says: the inputs in `resume.done` are
+    /// skipped (a resumed back-scan sends nothing twice); when `resume.stop` is set, it sends what
+    /// it has and returns between inputs (what is left is for the next run); and with a breaker,
+    /// a file that was being read when earlier processes died is set aside (see `breaker`).
     pub async fn run_paths_resuming(
         &self,
         paths: &[PathBuf],
         producer: &mut dyn Producer,
         batch: usize,
-        done: &std::collections::HashSet<String>,
-        stop: Option<&Shutdown>,
+        mut resume: Resume<'_>,
         mut progress: impl FnMut(Outcome, u64),
     ) -> Result<IngestReport, BusError> {
+        let (done, stop) = (resume.done, resume.stop);
         let mut report = IngestReport::default();
         let mut pending: Vec<OutRecord> = Vec::new();
+        let mut pending_units: Vec<Unit> = Vec::new();
         for item in walk(paths) {
             if stop.is_some_and(Shutdown::is_set) {
                 break;
@@ -482,9 +479,33 @@ impl Ingest {
             let (outcome, record, bytes) = if finished {
                 (Outcome::Resumed, None, 0)
             } else {
-                match self.process_retrying(&item, stop).await {
-                    Some(got) => got,
-                    None => break,
+                let guarded = match (&mut resume.breaker, &item) {
+                    (Some((breaker, ledger)), Input::File(p)) => {
+                        let unit = Unit {
+                            ledger: ledger.clone(),
+                            key: self.input_id(p),
+                        };
+                        let admitted = breaker.admit(std::slice::from_ref(&unit)).await;
+                        let tripped = match admitted[0] {
+                            Admission::Tripped(n) => {
+                                Some(self.dead_letter(&unit.key, breaker.tripped(n)))
+                            }
+                            _ => {
+                                breaker.in_flight(&[&unit]).await;
+                                None
+                            }
+                        };
+                        pending_units.push(unit);
+                        tripped
+                    }
+                    _ => None,
+                };
+                match guarded {
+                    Some(letter) => (Outcome::DeadLettered, Some(letter), 0),
+                    None => match self.process_retrying(&item, stop).await {
+                        Some(got) => got,
+                        None => break,
+                    },
                 }
             };
             match outcome {
@@ -507,6 +528,11 @@ impl Ingest {
                     std::mem::take(&mut pending),
                 )
                 .await?;
+                if let Some((breaker, _)) = &mut resume.breaker {
+                    breaker
+                        .settle(&std::mem::take(&mut pending_units), true)
+                        .await;
+                }
             }
         }
         if !pending.is_empty() {
@@ -518,7 +544,31 @@ impl Ingest {
             )
             .await?;
         }
+        if let Some((breaker, _)) = &mut resume.breaker {
+            breaker.settle(&pending_units, true).await;
+        }
         Ok(report)
+    }
+}
+
+/// How [`Ingest::run_paths_resuming`] resumes a folder scan.
+pub struct Resume<'a> {
+    /// Input references already committed: skipped.
+    pub done: &'a std::collections::HashSet<String>,
+    /// Set: stop between inputs.
+    pub stop: Option<&'a Shutdown>,
+    /// The crash-loop breaker and this scan's ledger in it (the ingest instance).
+    pub breaker: Option<(&'a mut Breaker, String)>,
+}
+
+impl<'a> Resume<'a> {
+    /// Skips `done`; no stop, no breaker.
+    pub fn skipping(done: &'a std::collections::HashSet<String>) -> Self {
+        Self {
+            done,
+            stop: None,
+            breaker: None,
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use fracture_shared::metrics::StageMetrics;
 use fracture_shared::stage::{Shutdown, StageEnv};
 
 use crate::dicomweb::ScanError;
-use crate::{read_key, Ingest, IngestConfig, KeyError, Linkage, Outcome, STAGE};
+use crate::{read_key, Ingest, IngestConfig, KeyError, Linkage, Outcome, Resume, STAGE};
+use fracture_shared::breaker::Breaker;
 
 /// Why the ingest stage could not start or stopped; each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +94,19 @@ pub async fn run(env: &StageEnv, cfg: &IngestConfig, paths: &[PathBuf]) -> Resul
         // aborted its open transaction, so what is committed on our output topics now is
         // exactly what was ingested before; skip those inputs.
         let done = ingested_before_retrying(env).await?;
+        // A file that killed earlier processes while being read is set aside, not read forever.
+        let mut breaker = Breaker::new(env.store.clone(), STAGE, env.retry.crash_limit);
+        let resume = Resume {
+            done: &done,
+            stop: Some(&env.shutdown),
+            breaker: Some((&mut breaker, env.instance.clone())),
+        };
         let report = ingest
             .run_paths_resuming(
                 &inputs,
                 producer.as_mut(),
                 cfg.batch,
-                &done,
-                Some(&env.shutdown),
+                resume,
                 |outcome, _| count(&env.metrics, outcome),
             )
             .await?;
