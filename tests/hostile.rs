@@ -133,8 +133,8 @@ fn deid_onto_its_own_input_is_refused_and_the_originals_stay() {
     }
 }
 
-/// A header that claims 60,000 x 60,000 pixels over the pixel data of a small radiograph: the
-/// door refuses it from the header, before anything is stored or decoded.
+/// A header that claims 60,000 x 60,000 pixels over the pixel data of a small radiograph: scan
+/// and deid refuse it from the header, before anything is stored or decoded.
 #[test]
 fn a_giant_image_header_is_refused_from_the_header() {
     let work = tempfile::tempdir().unwrap();
@@ -172,6 +172,23 @@ fn a_giant_image_header_is_refused_from_the_header() {
     );
     let findings = std::fs::read_to_string(out.join("findings.jsonl")).unwrap();
     assert_eq!(findings.lines().count(), 1, "the good file:\n{findings}");
+    // The research copy refuses it too, before a burned-in rule could decode what it claims.
+    let key = work.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let copy = work.path().join("copy");
+    let run = fracture(&[
+        Path::new("deid"),
+        &dir,
+        Path::new("--out"),
+        &copy,
+        Path::new("--key-file"),
+        &key,
+    ]);
+    assert!(run.status.success(), "{run:?}");
+    let refused = common::deid_refusals(&copy);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].0.ends_with("giant.dcm") && refused[0].1.contains("over the limit"));
+    assert!(copy.join("good.dcm").exists());
 }
 
 /// `fracture deid` never replaces a file unasked: two DICOMDIR folders' same-named files land

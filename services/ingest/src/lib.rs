@@ -157,7 +157,6 @@ const RADIOGRAPH_CLASSES: &[&str] = &[
 
 use fracture_shared::breaker::{Admission, Breaker, Unit};
 use fracture_shared::dicom::text;
-use fracture_shared::pixels;
 
 /// Refuses what is not a CR or DX radiograph, saying what it was.
 pub fn check_radiograph(obj: &DefaultDicomObject) -> Result<(), StageError> {
@@ -203,7 +202,6 @@ impl Ingest {
         let src = Source::open(file)?;
         let obj = src.object();
         check_radiograph(obj)?;
-        pixels::check_size(obj, self.policy.max_pixels)?;
         let region = self.policy.regions.classify(&[
             text(obj, tags::BODY_PART_EXAMINED).as_deref(),
             text(obj, tags::STUDY_DESCRIPTION).as_deref(),

@@ -186,6 +186,8 @@ pub fn clean<R: Read + Seek>(
     mut src: Source<R>,
     policy: &DeidPolicy,
 ) -> Result<Cleaned<R>, StageError> {
+    // Before any rule loads or decodes the pixels the header describes.
+    fracture_shared::pixels::check_size(src.object(), policy.max_pixels)?;
     if burned_in::rule_for(src.object(), &policy.pixel_rules)?.is_some() {
         src.load_pixels()?;
     }
