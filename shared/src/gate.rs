@@ -42,6 +42,8 @@ pub enum GateError {
     },
     #[error("the DICOM file cannot be parsed: its deflated data set inflates to more than {MAX_INFLATED} bytes")]
     InflatesTooFar,
+    #[error("the DICOM file cannot be parsed: element {0} at byte {1} of the data set stands where a sequence item belongs (malformed)")]
+    Lost(String, usize),
 }
 
 impl From<GateError> for StageError {
@@ -56,11 +58,21 @@ pub fn check_part10(body: &[u8]) -> Result<(), GateError> {
     let Some(meta) = body.get(4..) else {
         return Ok(());
     };
-    // The meta group is explicit VR little endian; its (0002,0000) length, when there, or the
-    // run of group 0002 elements marks where the data set starts.
+    // Read as dicom-object reads it: (0002,0000) first, four bytes, then elements (of any
+    // group) until that many bytes are consumed; the data set starts where they end.
     let mut c = Cursor::new(meta, Syntax::EXPLICIT_LE);
+    let group_length = match c.header() {
+        Some((Tag(0x0002, 0x0000), _, 4)) => match c.u32_at(c.pos) {
+            Some(l) => l as usize,
+            None => return Ok(()),
+        },
+        // The parser refuses it before reading a value.
+        _ => return Ok(()),
+    };
+    c.pos += 4;
+    let start = c.pos;
     let mut ts = None;
-    while c.remaining() >= 8 && c.peek_group() == Some(0x0002) {
+    while c.pos - start < group_length {
         let Some((tag, _, len)) = c.header() else {
             return Ok(());
         };
@@ -96,14 +108,13 @@ pub fn check_dataset(data: &[u8], ts: &str) -> Result<(), GateError> {
     }
 }
 
-/// Inflates a deflated data set, refusing it once it passes [`MAX_INFLATED`]; a stream that is
-/// not valid deflate is left to the parser.
+/// Inflates a deflated data set, refusing it once it passes [`MAX_INFLATED`]. Of a stream that
+/// breaks part way, what inflated is kept: the parser reads that much before it fails, and may
+/// allocate what it declares.
 fn inflate(data: &[u8]) -> Result<Vec<u8>, GateError> {
     let mut out = Vec::new();
     let mut reader = flate2::read::DeflateDecoder::new(data).take(MAX_INFLATED + 1);
-    if reader.read_to_end(&mut out).is_err() {
-        return Ok(Vec::new());
-    }
+    let _ = reader.read_to_end(&mut out);
     if out.len() as u64 > MAX_INFLATED {
         return Err(GateError::InflatesTooFar);
     }
@@ -164,10 +175,6 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn peek_group(&self) -> Option<u16> {
-        self.u16_at(self.pos)
-    }
-
     fn tag(&mut self) -> Option<Tag> {
         let t = Tag(self.u16_at(self.pos)?, self.u16_at(self.pos + 2)?);
         self.pos += 4;
@@ -189,7 +196,8 @@ impl<'a> Cursor<'a> {
             return Some((tag, dictionary_vr(tag), len));
         }
         let vr_bytes: [u8; 2] = self.b.get(self.pos..self.pos + 2)?.try_into().ok()?;
-        let vr = VR::from_binary(vr_bytes)?;
+        // As the parser reads it: an unknown VR is UN, with a 4-byte length.
+        let vr = VR::from_binary(vr_bytes).unwrap_or(VR::UN);
         self.pos += 2;
         let long = matches!(
             vr,
@@ -248,84 +256,68 @@ fn tag_text(tag: Tag) -> String {
 }
 
 /// Walks the elements from the cursor to `end` (an item's end), to an item delimiter (an
-/// undefined-length item), or to the end of the input (`end` None at the top).
+/// undefined-length item), or to the end of the input (`end` None at the top). It reads the
+/// stream as dicom-rs does (`dicom-parser` `dataset/read.rs`): any undefined length other than
+/// encapsulated pixel data opens a sequence in the same syntax, and an item delimiter outside a
+/// sequence is skipped; where it loses the stream it refuses rather than leave the parser to
+/// allocate what it could not check.
 fn walk(c: &mut Cursor<'_>, end: Option<usize>, depth: usize) -> Result<(), GateError> {
     loop {
         if end.is_some_and(|e| c.pos >= e) || c.remaining() == 0 {
             return Ok(());
         }
         let Some((tag, vr, len)) = c.header() else {
+            // A header cut short: the parser fails reading it, before any value.
             return Ok(());
         };
         if tag == ITEM_END {
-            return Ok(());
-        }
-        if tag.group() == 0xFFFE {
-            // A delimiter or item where an element belongs: the parser says what is wrong.
+            if depth == 0 {
+                continue;
+            }
             return Ok(());
         }
         let undefined = len == UNDEFINED;
         if tag == PIXEL_DATA && undefined {
             // Encapsulated pixel data: fragments as items, not a sequence.
-            if !skip_fragments(c)? {
-                return Ok(());
-            }
+            skip_fragments(c)?;
             continue;
         }
-        let sequence = vr == VR::SQ || (undefined && (vr == VR::UN || !c.s.explicit));
-        if sequence {
+        if vr == VR::SQ || undefined {
             if depth + 1 > MAX_DEPTH {
                 return Err(GateError::TooDeep(tag_text(tag)));
             }
-            // UN of undefined length holds implicit little endian.
-            let inner = if vr == VR::UN && c.s.explicit {
-                Syntax::IMPLICIT_LE
-            } else {
-                c.s
-            };
             let seq_end = (!undefined).then_some(c.pos.saturating_add(len as usize));
-            let outer = c.s;
-            c.s = inner;
-            let done = items(c, seq_end, depth + 1, tag, len);
-            c.s = outer;
-            if !done? {
-                return Ok(());
-            }
+            items(c, seq_end, depth + 1, tag, len)?;
             continue;
-        }
-        if undefined {
-            return Ok(());
         }
         c.fits(tag, len)?;
         c.pos += len as usize;
     }
 }
 
-/// Walks a sequence's items; `end` is where a defined-length sequence ends. False when the
-/// stream stopped being readable (the parser decides).
+/// Walks a sequence's items; `end` is where a defined-length sequence ends.
 fn items(
     c: &mut Cursor<'_>,
     end: Option<usize>,
     depth: usize,
     tag: Tag,
     len: u32,
-) -> Result<bool, GateError> {
+) -> Result<(), GateError> {
     if end.is_some() {
         c.fits(tag, len)?;
     }
     loop {
         if end.is_some_and(|e| c.pos >= e) {
-            return Ok(true);
+            return Ok(());
         }
-        let Some(item) = c.tag() else {
-            return Ok(false);
-        };
-        let Some(item_len) = c.u32_at(c.pos) else {
-            return Ok(false);
+        let at = c.pos;
+        let (Some(item), Some(item_len)) = (c.tag(), c.u32_at(c.pos)) else {
+            // Cut short inside a sequence: the parser fails reading the item header.
+            return Ok(());
         };
         c.pos += 4;
         match item {
-            SEQUENCE_END => return Ok(true),
+            SEQUENCE_END => return Ok(()),
             ITEM if item_len == UNDEFINED => walk(c, None, depth)?,
             ITEM => {
                 c.fits(item, item_len)?;
@@ -333,28 +325,26 @@ fn items(
                 walk(c, Some(item_end), depth)?;
                 c.pos = item_end;
             }
-            _ => return Ok(false),
+            other => return Err(GateError::Lost(tag_text(other), at)),
         }
     }
 }
 
-/// Skips encapsulated pixel data fragments through their delimiter; false when unreadable.
-fn skip_fragments(c: &mut Cursor<'_>) -> Result<bool, GateError> {
+/// Skips encapsulated pixel data fragments through their delimiter.
+fn skip_fragments(c: &mut Cursor<'_>) -> Result<(), GateError> {
     loop {
-        let Some(tag) = c.tag() else {
-            return Ok(false);
-        };
-        let Some(len) = c.u32_at(c.pos) else {
-            return Ok(false);
+        let at = c.pos;
+        let (Some(tag), Some(len)) = (c.tag(), c.u32_at(c.pos)) else {
+            return Ok(());
         };
         c.pos += 4;
         match tag {
-            SEQUENCE_END => return Ok(true),
+            SEQUENCE_END => return Ok(()),
             ITEM if len != UNDEFINED => {
                 c.fits(tag, len)?;
                 c.pos += len as usize;
             }
-            _ => return Ok(false),
+            other => return Err(GateError::Lost(tag_text(other), at)),
         }
     }
 }

@@ -118,23 +118,34 @@ pub fn decode_values(obj: &DefaultDicomObject) -> Result<RawValues, StageError> 
         )));
     }
     check_size(obj, MAX_PIXELS)?;
-    let decoded = obj.decode_pixel_data().map_err(|e| {
-        if ts_uid == JPEG_EXTENDED {
-            StageError::data(format!(
+    // The decoders index into what the stream declares; one that panics on a malformed stream
+    // (the RLE decoder did, found by fuzzing) must cost the input, not the process.
+    let decoded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+            .map_err(|_| {
+                StageError::data(format!(
+            "pixel data in transfer syntax {} is malformed: its decoder gave up on it; if the \
+             file opens in other viewers, transcode it with `gdcmconv --raw` and send it again",
+            ts_name(&ts_uid)
+        ))
+            })?
+            .map_err(|e| {
+                if ts_uid == JPEG_EXTENDED {
+                    StageError::data(format!(
                 "transfer syntax {} is not supported: its 12-bit samples cannot be read by \
                  this build's JPEG decoder (8-bit only for lossy JPEG) ({e}); transcode it \
                  with `gdcmconv --raw in.dcm out.dcm` (or `dcmdjpeg in.dcm out.dcm`) and send \
                  it again",
                 ts_name(&ts_uid)
             ))
-        } else {
-            StageError::data(format!(
+                } else {
+                    StageError::data(format!(
                 "pixel data in transfer syntax {} could not be decoded ({e}); if the file opens \
                  in other viewers, transcode it with `gdcmconv --raw` and send it again",
                 ts_name(&ts_uid)
             ))
-        }
-    })?;
+                }
+            })?;
     let (width, height) = (decoded.columns() as usize, decoded.rows() as usize);
     if decoded.samples_per_pixel() != 1 {
         return Err(StageError::data(format!(
