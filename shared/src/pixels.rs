@@ -23,7 +23,16 @@ fn ts_name(uid: &str) -> String {
     let uid = uid.trim_end_matches('\0').trim();
     match TransferSyntaxRegistry.get(uid) {
         Some(ts) => format!("{uid} ({})", ts.name()),
-        None => format!("{uid} (unknown to this build)"),
+        // The sender wrote it: a UID is 64 characters at most, and a dead letter is no place
+        // for more (or for what is not a UID).
+        None => {
+            let shown: String = uid
+                .chars()
+                .take(64)
+                .map(|c| if c.is_ascii_digit() || c == '.' { c } else { '?' })
+                .collect();
+            format!("{shown} (unknown to this build)")
+        }
     }
 }
 
