@@ -1,5 +1,5 @@
 //! Hostile files at the folder door: a data set nested deeper than any parser's stack allows,
-//! and one whose declared length asks for gigabytes. `fracture deid` and `fracture scan` refuse
+//! one whose declared length asks for gigabytes, and a deflated one that inflates past 1 GiB. `fracture deid` and `fracture scan` refuse
 //! each as a dead letter with its reason, go on with the good file beside it, and exit 0.
 
 mod common;
@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::hostile::{deeply_nested, length_bomb};
+use common::hostile::{deeply_nested, deflate_bomb, length_bomb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fracture");
 
@@ -20,6 +20,7 @@ fn inputs(dir: &Path) {
     .unwrap();
     std::fs::write(dir.join("nested.dcm"), deeply_nested()).unwrap();
     std::fs::write(dir.join("bomb.dcm"), length_bomb()).unwrap();
+    std::fs::write(dir.join("deflate.dcm"), deflate_bomb()).unwrap();
 }
 
 /// Runs `fracture ARGS...`.
@@ -66,6 +67,7 @@ fn deid_refuses_nesting_and_length_bombs_and_exports_the_rest() {
     let dead: String = refused.iter().map(|(s, r)| format!("{s}: {r}\n")).collect();
     assert_refused(&dead, "nested.dcm", "nested more than 32 deep");
     assert_refused(&dead, "bomb.dcm", "declares 4294967280 bytes");
+    assert_refused(&dead, "deflate.dcm", "inflates to more than");
     assert!(!out.join("nested.dcm").exists() && !out.join("bomb.dcm").exists());
 }
 
@@ -85,9 +87,10 @@ fn scan_refuses_nesting_and_length_bombs_and_scans_the_rest() {
     let findings = std::fs::read_to_string(out.join("findings.jsonl")).unwrap();
     assert_eq!(findings.lines().count(), 1, "the good file:\n{findings}");
     let dead = std::fs::read_to_string(out.join("dead-letter.jsonl")).unwrap();
-    assert_eq!(dead.lines().count(), 2, "{dead}");
+    assert_eq!(dead.lines().count(), 3, "{dead}");
     assert_refused(&dead, "nested.dcm", "nested more than 32 deep");
     assert_refused(&dead, "bomb.dcm", "declares 4294967280 bytes");
+    assert_refused(&dead, "deflate.dcm", "inflates to more than");
 }
 
 #[test]

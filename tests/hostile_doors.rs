@@ -1,7 +1,9 @@
 //! Every hostile input through every door of `fracture serve ingest`, on the real broker, with
 //! the process under a 1 GB address-space limit: a data set nested 100,000 deep, a length bomb
 //! and a header claiming 60,000 x 60,000 pixels, each through the folder door, the C-STORE SCP (a
-//! raw C-STORE for the files dcmtk would not send, dcmsend for the rest) and STOW-RS (curl);
+//! raw C-STORE for the files dcmtk would not send, dcmsend for the rest) and STOW-RS (curl), and
+//! a deflated data set that inflates past 1 GiB through the folder and STOW-RS (the SCP does not
+//! negotiate deflate);
 //! then a command set streamed without end, a sender that goes silent, and a client that
 //! trickles its HTTP headers. The process keeps serving: each door's good radiograph is
 //! published exactly once, each hostile file is exactly one dead letter with its reason.
@@ -11,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::hostile::{self, data_set, deeply_nested, length_bomb};
+use common::hostile::{self, data_set, deeply_nested, deflate_bomb, length_bomb};
 use common::pipeline::{self, Pipeline};
 use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Record, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified};
@@ -170,6 +172,9 @@ async fn every_door_refuses_every_hostile_input_and_keeps_serving() {
     let (nested, bomb) = (deeply_nested(), length_bomb());
     std::fs::write(folder.join("nested.dcm"), &nested).unwrap();
     std::fs::write(folder.join("bomb.dcm"), &bomb).unwrap();
+    let deflated = deflate_bomb();
+    std::fs::write(folder.join("deflate.dcm"), &deflated).unwrap();
+    std::fs::write(files.join("deflate.dcm"), &deflated).unwrap();
     hostile::giant_header(&folder.join("giant.dcm"), "2.25.9100");
     hostile::radiograph(&folder.join("good.dcm"), "2.25.9101");
     for (name, uid) in [
@@ -273,6 +278,7 @@ stow_idle_timeout_s = 2
             &files.join("nested.dcm"),
             &files.join("bomb.dcm"),
             &files.join("giant-stow.dcm"),
+            &files.join("deflate.dcm"),
         ],
     );
     assert_eq!(status, 409, "every part failed");
@@ -299,7 +305,7 @@ stow_idle_timeout_s = 2
     assert!(cut, "a client trickling its headers keeps its connection");
     assert_eq!(stow(http, work, &[&files.join("good-stow.dcm")]), 200);
 
-    let out = outputs(&bus, &topics, 12).await;
+    let out = outputs(&bus, &topics, 14).await;
     let deid: Vec<Deidentified> = out
         .iter()
         .filter(|r| r.topic == topics.of::<Deidentified>())
@@ -317,19 +323,20 @@ stow_idle_timeout_s = 2
         "one radiograph per door: {reasons:#?}\n{}",
         p.logs()
     );
-    assert_eq!(letters.len(), 9, "{reasons:#?}");
-    for (what, words) in [
-        ("nesting", "nested more than 32 deep"),
-        ("length bomb", "declares 4294967280 bytes"),
-        ("giant header", "60000 x 60000 = 3600000000 pixel values"),
+    assert_eq!(letters.len(), 11, "{reasons:#?}");
+    for (what, words, doors) in [
+        ("nesting", "nested more than 32 deep", 3),
+        ("length bomb", "declares 4294967280 bytes", 3),
+        ("giant header", "60000 x 60000 = 3600000000 pixel values", 3),
+        ("deflate bomb", "inflates to more than", 2),
     ] {
         let n = reasons.iter().filter(|r| r.contains(words)).count();
-        assert_eq!(n, 3, "{what} through each door: {reasons:#?}");
+        assert_eq!(n, doors, "{what} through each door: {reasons:#?}");
     }
     assert!(p.is_running("ingest"), "ingest survived\n{}", p.logs());
     let peak = p.peak_rss_kib("ingest");
     eprintln!(
-        "hostile doors: 3 radiographs published, 9 dead letters, ingest peak RSS {} MiB under a \
+        "hostile doors: 3 radiographs published, 11 dead letters, ingest peak RSS {} MiB under a \
          {} MiB address-space limit",
         peak / 1024,
         LIMIT_KIB / 1024

@@ -18,6 +18,7 @@ fn media() -> &'static PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
+    fracture_fuzz::count_only_escaping_panics();
     let media = media();
     driver::on_worker_stack(|| driver::dicomdir(media, data))
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));

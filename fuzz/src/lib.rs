@@ -38,3 +38,14 @@ pub fn keep_findings(target: &str, data: &[u8], findings: &[String]) {
         eprintln!("fracture-fuzz: new finding ({}): {f}", file.display());
     }
 }
+
+/// libfuzzer-sys makes every panic abort, even one the code under test catches on purpose
+/// (`pixels::decode_values` turns a pixel decoder's panic into a data error for that input).
+/// Restoring the default hook keeps those caught: a panic that escapes the target still aborts,
+/// since the targets pass it on and libfuzzer-sys aborts on any panic that reaches it.
+pub fn count_only_escaping_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = std::panic::take_hook();
+    });
+}

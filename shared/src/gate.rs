@@ -44,6 +44,13 @@ pub enum GateError {
     InflatesTooFar,
     #[error("the DICOM file cannot be parsed: element {0} at byte {1} of the data set stands where a sequence item belongs (malformed)")]
     Lost(String, usize),
+    #[error("the DICOM file cannot be parsed: element {tag} ({vr}) has a length of {len} bytes, not a multiple of its {unit}-byte values (malformed)")]
+    Misaligned {
+        tag: String,
+        vr: String,
+        len: u32,
+        unit: u32,
+    },
 }
 
 impl From<GateError> for StageError {
@@ -108,16 +115,28 @@ pub fn check_dataset(data: &[u8], ts: &str) -> Result<(), GateError> {
     }
 }
 
-/// Inflates a deflated data set, refusing it once it passes [`MAX_INFLATED`]. Of a stream that
-/// breaks part way, what inflated is kept: the parser reads that much before it fails, and may
-/// allocate what it declares.
+/// Inflates a deflated data set, refusing it once it passes [`MAX_INFLATED`]. The size is
+/// counted first through a small buffer, so a bomb costs no memory; only a data set within the
+/// cap is inflated into memory (as the parser will hold it anyway). Of a stream that breaks part
+/// way, what inflated is kept: the parser reads that much before it fails, and may allocate
+/// what it declares.
 fn inflate(data: &[u8]) -> Result<Vec<u8>, GateError> {
-    let mut out = Vec::new();
-    let mut reader = flate2::read::DeflateDecoder::new(data).take(MAX_INFLATED + 1);
-    let _ = reader.read_to_end(&mut out);
-    if out.len() as u64 > MAX_INFLATED {
-        return Err(GateError::InflatesTooFar);
+    let mut counter = flate2::read::DeflateDecoder::new(data);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        match counter.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                total += n as u64;
+                if total > MAX_INFLATED {
+                    return Err(GateError::InflatesTooFar);
+                }
+            }
+        }
     }
+    let mut out = Vec::with_capacity(total as usize);
+    let _ = flate2::read::DeflateDecoder::new(data).read_to_end(&mut out);
     Ok(out)
 }
 
@@ -291,7 +310,28 @@ fn walk(c: &mut Cursor<'_>, end: Option<usize>, depth: usize) -> Result<(), Gate
             continue;
         }
         c.fits(tag, len)?;
+        let unit = value_unit(vr);
+        if len % unit != 0 {
+            return Err(GateError::Misaligned {
+                tag: tag_text(tag),
+                vr: vr.to_string().to_string(),
+                len,
+                unit,
+            });
+        }
         c.pos += len as usize;
+    }
+}
+
+/// The size of one value of a binary VR. The parser reads `len / unit` values and leaves the
+/// remainder unread, so a length that is not a multiple puts it out of step with the stream
+/// (and it then reads lengths out of values).
+fn value_unit(vr: VR) -> u32 {
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::AT | VR::UL | VR::SL | VR::FL | VR::OF | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
     }
 }
 
@@ -416,6 +456,29 @@ mod tests {
             }
         );
         assert!(e.to_string().starts_with("the DICOM file cannot be parsed"));
+    }
+
+    #[test]
+    fn a_binary_value_of_a_length_the_parser_would_misread_is_refused() {
+        // (0018,0080) AT of 10 bytes: the parser reads two tags and is then 2 bytes out of step.
+        let mut d = vec![0x18, 0x00, 0x80, 0x00, b'A', b'T', 10, 0];
+        d.extend_from_slice(&[0; 10]);
+        d.extend_from_slice(&[0x18, 0x00, 0x81, 0x00, b'D', b'S', 2, 0, b'1', b' ']);
+        let e = check_dataset(&d, EXPLICIT_LE).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GateError::Misaligned {
+                    unit: 4,
+                    len: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        d[6] = 8;
+        d.drain(16..18);
+        assert_eq!(check_dataset(&d, EXPLICIT_LE), Ok(()));
     }
 
     #[test]

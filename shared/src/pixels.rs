@@ -29,7 +29,13 @@ fn ts_name(uid: &str) -> String {
             let shown: String = uid
                 .chars()
                 .take(64)
-                .map(|c| if c.is_ascii_digit() || c == '.' { c } else { '?' })
+                .map(|c| {
+                    if c.is_ascii_digit() || c == '.' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
                 .collect();
             format!("{shown} (unknown to this build)")
         }
@@ -70,6 +76,36 @@ pub fn decode(obj: &DefaultDicomObject) -> Result<Radiograph, StageError> {
 /// a few GiB whatever a header claims. The edge refuses far less by default (`[ingest]
 /// max_pixels`).
 pub const MAX_PIXELS: u64 = 1 << 28;
+
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
+/// Refuses RLE fragments whose 64-byte header (PS3.5 G.5) is missing or declares more than 15
+/// segments: the RLE decoder allocates the declared number of offsets before it reads them, so
+/// four bytes could ask it for 16 GB (an abort no code can catch).
+fn check_rle_headers(obj: &DefaultDicomObject) -> Result<(), StageError> {
+    let Ok(pixels) = obj.element(tags::PIXEL_DATA) else {
+        return Ok(());
+    };
+    let Some(fragments) = pixels.value().fragments() else {
+        return Ok(());
+    };
+    for (i, f) in fragments.iter().enumerate() {
+        let segments = f
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        match segments {
+            Some(n) if f.len() >= 64 && n <= 15 => {}
+            _ => {
+                return Err(StageError::data(format!(
+                    "RLE fragment {i} is malformed: its header is missing or declares more than \
+                     15 segments ({}); transcode the file with `gdcmconv --raw` and send it again",
+                    segments.map_or("none".to_string(), |n| n.to_string())
+                )))
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Refuses, from the header alone, an image whose Rows × Columns × frames × samples per pixel
 /// passes `max_pixels`, before anything is decoded or allocated for it.
@@ -127,6 +163,9 @@ pub fn decode_values(obj: &DefaultDicomObject) -> Result<RawValues, StageError> 
         )));
     }
     check_size(obj, MAX_PIXELS)?;
+    if ts_uid == RLE_LOSSLESS {
+        check_rle_headers(obj)?;
+    }
     // The decoders index into what the stream declares; one that panics on a malformed stream
     // (the RLE decoder did, found by fuzzing) must cost the input, not the process.
     let decoded =

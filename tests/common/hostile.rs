@@ -84,6 +84,33 @@ pub fn length_bomb() -> Vec<u8> {
     f
 }
 
+/// A few MB whose deflated data set inflates past 1 GiB (zeros), in a file whose meta group
+/// names Deflated Explicit VR Little Endian.
+pub fn deflate_bomb() -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1025 {
+        enc.write_all(&zeros).unwrap();
+    }
+    let data = enc.finish().unwrap();
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    meta.extend(short((0x0002, 0x0002), b"UI", CR.as_bytes()));
+    meta.extend(short((0x0002, 0x0003), b"UI", b"2.25.1004"));
+    meta.extend(short((0x0002, 0x0010), b"UI", b"1.2.840.10008.1.2.1.99"));
+    let mut f = vec![0u8; 128];
+    f.extend_from_slice(b"DICM");
+    f.extend(short(
+        (0x0002, 0x0000),
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    ));
+    f.extend(meta);
+    f.extend(data);
+    f
+}
+
 /// The data set of a Part 10 file made by this module (after the meta group).
 pub fn data_set(part10: &[u8]) -> &[u8] {
     let meta_len = u32::from_le_bytes(part10[140..144].try_into().unwrap()) as usize;
