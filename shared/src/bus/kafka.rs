@@ -236,20 +236,24 @@ fn transact(
     offsets: Option<(&TopicPartitionList, &BaseConsumer<GenerationContext>)>,
     timeout: Duration,
 ) -> Result<(), BusError> {
-    retrying("begin_transaction", || producer.begin_transaction())?;
+    retrying("begin_transaction", None, || producer.begin_transaction())?;
     let result = (|| {
         produce_all(producer, outputs, Instant::now() + timeout)?;
         if let Some((tpl, consumer)) = offsets {
             let meta = consumer.group_metadata().ok_or_else(|| {
                 BusError::Aborted("consumer has no group metadata (not in a group yet)".into())
             })?;
-            retrying("send_offsets_to_transaction", || {
+            // Nothing is committed until the commit below, so offsets that keep timing out are
+            // given up after a few tries and the transaction aborted and redone: after a broker
+            // restart librdkafka's transaction manager was seen to time out every retry of this
+            // call for good (a postprocess stuck for minutes in a chaos run).
+            retrying("send_offsets_to_transaction", Some(2), || {
                 producer.send_offsets_to_transaction(tpl, &meta, timeout)
             })?;
         }
         // A commit that timed out may still land (the broker may have it): it must be retried
         // until it answers, never aborted and re-sent, or the batch would be published twice.
-        retrying("commit_transaction", || {
+        retrying("commit_transaction", None, || {
             producer.commit_transaction(timeout)
         })
     })();
@@ -258,23 +262,32 @@ fn transact(
         Err(BusError::Fatal(m)) => Err(BusError::Fatal(m)),
         Err(e) => {
             // Abortable: abort, and the caller re-delivers from the committed offsets. An abort
-            // that itself fails for good is fatal.
-            retrying("abort_transaction", || producer.abort_transaction(timeout))
-                .map_err(|a| BusError::Fatal(format!("{e}; abort also failed: {a}")))?;
+            // that fails for good, or keeps timing out, is fatal: the stage starts over with new
+            // clients.
+            retrying("abort_transaction", Some(3), || {
+                producer.abort_transaction(timeout)
+            })
+            .map_err(|a| BusError::Fatal(format!("{e}; abort also failed: {a}")))?;
             Err(BusError::Aborted(e.to_string()))
         }
     }
 }
 
 /// Repeats a transactional call while librdkafka says it may be retried (the broker is away or
-/// the call timed out); librdkafka keeps the transaction's state meanwhile, so the retry resumes
-/// it. Abortable and fatal errors come back at once.
+/// the call timed out), at most `attempts` times when given; librdkafka keeps the transaction's
+/// state meanwhile, so the retry resumes it. Abortable and fatal errors come back at once.
 fn retrying<T>(
     what: &str,
+    attempts: Option<u32>,
     mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>,
 ) -> Result<T, BusError> {
-    crate::RetryPolicy::default()
-        .retry(&format!("{what} did not answer"))
+    let what = format!("{what} did not answer");
+    let retry = crate::RetryPolicy::default().retry(&what);
+    let retry = match attempts {
+        Some(n) => retry.attempts(n),
+        None => retry,
+    };
+    retry
         .run_blocking(&mut call, |e| {
             matches!(e, KafkaError::Transaction(t)
                 if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
