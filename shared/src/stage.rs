@@ -162,12 +162,14 @@ impl StageRunner {
             }
             let started = Instant::now();
             let started_wall = std::time::SystemTime::now();
+            // The batch as the crash-loop breaker keys it, once for admission and settling.
+            let units: Vec<Unit> = batch.iter().map(Unit::of).collect();
             let Some(results) = self
-                .handle_guarded(&batch, handler, &mut shutdown, breaker.as_mut())
+                .handle_guarded(&batch, &units, handler, &mut shutdown, breaker.as_mut())
                 .await
             else {
                 // Shutting down mid-retry: leave the batch uncommitted for the next owner.
-                settle(&mut breaker, &batch, false).await;
+                settle(&mut breaker, &units, false).await;
                 let _ = io.rewind().await;
                 break;
             };
@@ -235,7 +237,7 @@ impl StageRunner {
                 }
             }
             let committed = io.commit(outputs).await;
-            settle(&mut breaker, &batch, committed.is_ok()).await;
+            settle(&mut breaker, &units, committed.is_ok()).await;
             match committed {
                 Ok(()) => {
                     if crate::otlp::enabled() {
@@ -289,6 +291,7 @@ impl StageRunner {
     async fn handle_guarded(
         &self,
         batch: &[Record],
+        units: &[Unit],
         handler: &dyn Handler,
         shutdown: &mut Shutdown,
         breaker: Option<&mut Breaker>,
@@ -296,9 +299,8 @@ impl StageRunner {
         let Some(breaker) = breaker else {
             return self.handle_with_retries(batch, handler, shutdown).await;
         };
-        let units: Vec<Unit> = batch.iter().map(Unit::of).collect();
         breaker.forget();
-        let admitted = breaker.admit(&units).await;
+        let admitted = breaker.admit(units).await;
         let mut results: Vec<Option<Result<Vec<Output>, StageError>>> = admitted
             .iter()
             .map(|a| match *a {
@@ -417,10 +419,9 @@ impl StageRunner {
     }
 }
 
-async fn settle(breaker: &mut Option<Breaker>, batch: &[Record], committed: bool) {
+async fn settle(breaker: &mut Option<Breaker>, units: &[Unit], committed: bool) {
     if let Some(b) = breaker {
-        let units: Vec<Unit> = batch.iter().map(Unit::of).collect();
-        b.settle(&units, committed).await;
+        b.settle(units, committed).await;
     }
 }
 
