@@ -38,6 +38,8 @@ root! {
     retry: fracture_shared::RetryPolicy,
     /// `[model]`: the ensemble manifest and the device.
     model: fracture_shared::config::ModelConfig,
+    /// `[lanes]`: live work ahead of back-scans.
+    lanes: fracture_shared::bus::LaneConfig,
     ingest: fracture_ingest::IngestConfig,
     preprocess: fracture_preprocess::PreprocessConfig,
     ensemble: fracture_ensemble::EnsembleConfig,

@@ -164,6 +164,7 @@ async fn start(cfg: &Config, args: &ScanArgs) -> anyhow::Result<Pipeline> {
         shutdown,
         instance: "scan".into(),
         retry,
+        lanes: cfg.lanes,
     };
     if !cfg.export.pacs.is_empty() {
         eprintln!(

@@ -93,6 +93,7 @@ pub async fn run(
         shutdown,
         instance: instance.to_string(),
         retry,
+        lanes: cfg.lanes,
     };
     let result = match StageSpec::from_config(stage, cfg, paths).await {
         Ok(spec) => spec.run(&env).await,

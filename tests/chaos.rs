@@ -81,7 +81,7 @@ async fn tally(p: &Pipeline, inputs: &Inputs, outputs: &[Record], ignore_keys: &
         if r.key.as_deref().is_some_and(|k| k.starts_with(ignore_keys)) {
             continue;
         }
-        let input = if r.topic.ends_with(".findings") {
+        let input = if !r.topic.ends_with(".dead-letter") {
             findings += 1;
             decode::<Finding>(&r.payload).unwrap().id.input
         } else {
@@ -97,7 +97,7 @@ async fn tally(p: &Pipeline, inputs: &Inputs, outputs: &[Record], ignore_keys: &
         match link.get(&input) {
             Some(src) => {
                 let e = per_source.entry(src.clone()).or_default();
-                if r.topic.ends_with(".findings") {
+                if !r.topic.ends_with(".dead-letter") {
                     e.0 += 1;
                 } else {
                     e.1 += 1;
@@ -312,7 +312,7 @@ async fn until_findings(bus: &KafkaBus, topics: &Topics, n: usize, p: &Pipeline)
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let got = bus
-            .read_committed(&[topics.of::<Finding>()])
+            .read_committed(&topics.lanes_of::<Finding>())
             .await
             .map(|r| r.len())
             .unwrap_or(0);
@@ -470,7 +470,7 @@ async fn a_store_outage_delays_but_loses_nothing() {
     p.signal("preprocess", "CONT");
     tokio::time::sleep(Duration::from_secs(8)).await;
     let during_outage = bus
-        .read_committed(&[topics.of::<Finding>()])
+        .read_committed(&topics.lanes_of::<Finding>())
         .await
         .unwrap()
         .len();
@@ -537,7 +537,8 @@ async fn an_input_that_kills_a_stage_is_set_aside_after_three_crashes() {
     p.limit_memory("preprocess", 600 * 1024);
     p.start_all();
     let want = inputs.good.len() + inputs.bad.len();
-    let names = [topics.of::<Finding>(), topics.of::<DeadLetter>()];
+    let mut names = topics.lanes_of::<Finding>();
+    names.push(topics.of::<DeadLetter>());
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut crashes = 0;
     loop {

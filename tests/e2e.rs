@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Record, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified, Finding, Preprocessed, Scored};
 use fracture_shared::testkit;
 
@@ -81,7 +81,11 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     let out = collect(
         &bus,
         "e2e-check",
-        &[topics.of::<Finding>(), topics.of::<DeadLetter>()],
+        &[
+            topics.lanes_of::<Finding>(),
+            vec![topics.of::<DeadLetter>()],
+        ]
+        .concat(),
         want,
     )
     .await;
@@ -90,7 +94,7 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     let mut findings: Vec<Finding> = Vec::new();
     let mut dead: Vec<DeadLetter> = Vec::new();
     for r in &out {
-        if r.topic.ends_with(".findings") {
+        if r.topic != topics.of::<DeadLetter>() {
             findings.push(decode(&r.payload).unwrap());
         } else {
             dead.push(decode(&r.payload).unwrap());
@@ -152,21 +156,28 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
         &bus,
         "e2e-mid",
         &[
-            topics.of::<Deidentified>(),
-            topics.of::<Preprocessed>(),
-            topics.of::<Scored>(),
-        ],
+            topics.lanes_of::<Deidentified>(),
+            topics.lanes_of::<Preprocessed>(),
+            topics.lanes_of::<Scored>(),
+        ]
+        .concat(),
         passed_ingest + 2 * inputs.good.len(),
     )
     .await;
     let count = |suffix: &str| mids.iter().filter(|r| r.topic.ends_with(suffix)).count();
-    assert_eq!(count(".deidentified"), passed_ingest);
-    assert_eq!(count(".preprocessed"), inputs.good.len());
-    assert_eq!(count(".scored"), inputs.good.len());
+    // A folder is a back-scan: every radiograph and its results travel in that lane.
+    assert_eq!(count(".deidentified.backscan"), passed_ingest);
+    assert_eq!(count(".preprocessed.backscan"), inputs.good.len());
+    assert_eq!(count(".scored.backscan"), inputs.good.len());
+    assert_eq!(
+        mids.len(),
+        passed_ingest + 2 * inputs.good.len(),
+        "nothing in the live lane"
+    );
     for r in &mids {
         match &r.topic {
-            t if t.ends_with(".deidentified") => drop(decode::<Deidentified>(&r.payload).unwrap()),
-            t if t.ends_with(".preprocessed") => drop(decode::<Preprocessed>(&r.payload).unwrap()),
+            t if t.contains(".deidentified") => drop(decode::<Deidentified>(&r.payload).unwrap()),
+            t if t.contains(".preprocessed") => drop(decode::<Preprocessed>(&r.payload).unwrap()),
             _ => drop(decode::<Scored>(&r.payload).unwrap()),
         }
         assert!(
@@ -276,7 +287,12 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
 
     // One radiograph is one trace: the five stages' spans share the trace id its finding carries.
     let spans = spans.lock().unwrap().clone();
-    for r in out.iter().filter(|r| r.topic.ends_with(".findings")) {
+    let traced: Vec<&Record> = out
+        .iter()
+        .filter(|r| topics.lanes_of::<Finding>().contains(&r.topic))
+        .collect();
+    assert_eq!(traced.len(), findings.len());
+    for r in traced {
         let tp = r
             .header("traceparent")
             .expect("findings carry trace context");

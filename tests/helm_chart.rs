@@ -297,6 +297,9 @@ fn section_checks() -> BTreeMap<&'static str, SectionCheck> {
     m.insert("retry", |s| {
         section::<fracture_shared::RetryPolicy>(s, "retry").map(drop)
     });
+    m.insert("lanes", |s| {
+        section::<fracture_shared::bus::LaneConfig>(s, "lanes").map(drop)
+    });
     m.insert("model", |s| {
         section::<fracture_shared::config::ModelConfig>(s, "model").map(drop)
     });
@@ -1069,23 +1072,32 @@ fn preprocess_and_ensemble_scale_on_their_consumer_lag_or_cpu() {
             text(&so["spec"]["scaleTargetRef"]["name"]),
             format!("{RELEASE}-{stage}")
         );
-        let t = &items(&so["spec"]["triggers"])[0];
-        assert_eq!(text(&t["type"]), "kafka");
-        let m = &t["metadata"];
-        // StageEnv::consume_many joins the group `<prefix>.<stage>`.
-        assert_eq!(
-            text(&m["consumerGroup"]),
-            format!("{prefix}.{stage}"),
-            "{stage}"
-        );
-        assert_eq!(text(&m["topic"]), input_topic(stage, &prefix), "{stage}");
-        assert!(int(&m["lagThreshold"]) > 0);
-        let brokers = a
-            .settings(tmp.path(), &[])
-            .section::<fracture_shared::KafkaConfig>("kafka")
-            .expect("kafka")
-            .brokers;
-        assert_eq!(text(&m["bootstrapServers"]), brokers);
+        let triggers = items(&so["spec"]["triggers"]);
+        assert_eq!(triggers.len(), 2, "{stage}: one trigger per lane");
+        let topics = fracture_shared::bus::Topics::new(&prefix);
+        let live = input_topic(stage, &prefix);
+        // StageEnv::consume_many joins `<prefix>.<stage>` on the live lane and
+        // `<prefix>.<stage>.backscan` on the back-scan lane.
+        let lanes = [
+            (format!("{prefix}.{stage}"), live.clone()),
+            (
+                format!("{prefix}.{stage}.backscan"),
+                topics.in_lane(&live, fracture_shared::bus::Lane::Backscan),
+            ),
+        ];
+        for (t, (group, topic)) in triggers.iter().zip(lanes) {
+            assert_eq!(text(&t["type"]), "kafka");
+            let m = &t["metadata"];
+            assert_eq!(text(&m["consumerGroup"]), group, "{stage}");
+            assert_eq!(text(&m["topic"]), topic, "{stage}");
+            assert!(int(&m["lagThreshold"]) > 0);
+            let brokers = a
+                .settings(tmp.path(), &[])
+                .section::<fracture_shared::KafkaConfig>("kafka")
+                .expect("kafka")
+                .brokers;
+            assert_eq!(text(&m["bootstrapServers"]), brokers);
+        }
     }
     let h = Rendered::new(
         "all-on, HPA",

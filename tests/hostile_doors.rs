@@ -157,7 +157,8 @@ async fn wait_for_port(port: u16, p: &Pipeline) {
 }
 
 async fn outputs(bus: &KafkaBus, topics: &Topics, want: usize) -> Vec<Record> {
-    let names = [topics.of::<Deidentified>(), topics.of::<DeadLetter>()];
+    let mut names = topics.lanes_of::<Deidentified>();
+    names.push(topics.of::<DeadLetter>());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let got = bus.read_committed(&names).await.unwrap_or_default();
@@ -322,7 +323,7 @@ stow_idle_timeout_s = 2
     let out = outputs(&bus, &topics, 15).await;
     let deid: Vec<Deidentified> = out
         .iter()
-        .filter(|r| r.topic == topics.of::<Deidentified>())
+        .filter(|r| r.topic != topics.of::<DeadLetter>())
         .map(|r| decode(&r.payload).unwrap())
         .collect();
     let letters: Vec<DeadLetter> = out

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::breaker::{Admission, Breaker, Unit};
-use crate::bus::{BusError, OutRecord, Record, StageIo, Topics};
+use crate::bus::{BusError, Lane, LaneConfig, LanedIo, OutRecord, Record, StageIo, Topics};
 use crate::error::{Decision, RetryPolicy, StageError};
 use crate::messages::{encode, schema, DeadLetter, Message, Origin};
 use crate::metrics::StageMetrics;
@@ -182,7 +182,13 @@ impl StageRunner {
                     .and_then(telemetry::from_traceparent);
                 let parent = upstream.clone().unwrap_or_else(telemetry::new_trace);
                 let span = telemetry::child_of(&parent);
-                spans.push((span.clone(), upstream.map(|u| u.span_id()), result.is_err()));
+                let lane = self.topics.lane_of(&record.topic);
+                spans.push((
+                    span.clone(),
+                    upstream.map(|u| u.span_id()),
+                    result.is_err(),
+                    lane,
+                ));
                 let headers = vec![(
                     telemetry::TRACEPARENT.to_string(),
                     telemetry::to_traceparent(&span),
@@ -199,7 +205,7 @@ impl StageRunner {
                             ])
                             .inc();
                         outputs.extend(outs.into_iter().map(|o| OutRecord {
-                            topic: o.topic,
+                            topic: self.topics.in_lane(&o.topic, lane),
                             key: o.key,
                             payload: o.payload,
                             headers: headers.clone(),
@@ -242,7 +248,7 @@ impl StageRunner {
                 Ok(()) => {
                     if crate::otlp::enabled() {
                         let end = std::time::SystemTime::now();
-                        for (context, parent, error) in spans {
+                        for (context, parent, error, lane) in spans {
                             crate::otlp::record(crate::otlp::SpanRecord {
                                 context,
                                 parent,
@@ -252,6 +258,7 @@ impl StageRunner {
                                 attributes: vec![
                                     ("fracture.stage".into(), self.stage.into()),
                                     ("fracture.batch_size".into(), batch.len().to_string()),
+                                    ("fracture.lane".into(), lane.as_str().into()),
                                 ],
                                 error,
                             });
@@ -437,6 +444,8 @@ pub struct StageEnv {
     /// This replica's stable name (its transactional id suffix), e.g. the pod name.
     pub instance: String,
     pub retry: RetryPolicy,
+    /// How a consuming stage shares itself between live work and back-scans.
+    pub lanes: LaneConfig,
 }
 
 impl StageEnv {
@@ -449,6 +458,36 @@ impl StageEnv {
         handler: &dyn Handler,
     ) -> Result<(), StageFailed> {
         self.consume_many(stage, vec![input], batch, handler).await
+    }
+
+    /// The stage's consumer on `inputs`: on both lanes of the laned ones (each lane its own
+    /// group, `<group>` and `<group>.backscan`), preferring live work as `lanes` says.
+    async fn open(
+        &self,
+        group: &str,
+        inputs: &[String],
+        instance: &str,
+    ) -> Result<Box<dyn StageIo>, BusError> {
+        let backscan: Vec<String> = inputs
+            .iter()
+            .filter(|t| self.topics.lane_of(t) == Lane::Live)
+            .map(|t| self.topics.in_lane(t, Lane::Backscan))
+            .filter(|t| !inputs.contains(t))
+            .collect();
+        let live = self.bus.consumer(group, inputs, instance).await?;
+        if backscan.is_empty() {
+            return Ok(live);
+        }
+        let lane = Lane::Backscan.as_str();
+        let other = self
+            .bus
+            .consumer(
+                &format!("{group}.{lane}"),
+                &backscan,
+                &format!("{instance}.{lane}"),
+            )
+            .await?;
+        Ok(Box::new(LanedIo::new(live, other, self.lanes)))
     }
 
     /// Like [`StageEnv::consume`], on several input topics at once (one group, one transaction).
@@ -477,7 +516,7 @@ impl StageEnv {
                 .retry("the bus is not reachable yet")
                 .until(&self.shutdown)
                 .run(
-                    || self.bus.consumer(&group, &inputs, &instance),
+                    || self.open(&group, &inputs, &instance),
                     |e| matches!(e, BusError::Unavailable(_)),
                 )
                 .await

@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fracture_shared::bus::{
-    Bus, InProcBus, KafkaBus, KafkaConfig, OutRecord, Record, StageIo, Topics,
+    Bus, InProcBus, KafkaBus, KafkaConfig, Lane, LaneConfig, LanedProducer, OutRecord, Producer,
+    Record, StageIo, Topics,
 };
 use fracture_shared::error::{RetryPolicy, StageError};
-use fracture_shared::messages::{decode, DeadLetter, ErrorKind};
+use fracture_shared::messages::{decode, DeadLetter, Deidentified, ErrorKind, Preprocessed};
+use fracture_shared::metrics::Health;
 use fracture_shared::metrics::StageMetrics;
-use fracture_shared::stage::{BatchConfig, Handler, Output, Shutdown, StageRunner};
+use fracture_shared::stage::{BatchConfig, Handler, Output, Shutdown, StageEnv, StageRunner};
+use fracture_shared::store::BlobStore;
 use fracture_shared::testkit;
 
 fn out(topic: &str, key: &str, payload: &str) -> OutRecord {
@@ -432,6 +435,159 @@ async fn lag_is_reported(bus: &dyn Bus, t: &Topics) {
     io.close().await.unwrap();
 }
 
+/// Records what a stage handled, in order, as (lane, payload), taking `each` per record.
+struct Recorder {
+    topics: Topics,
+    seen: Arc<std::sync::Mutex<Vec<(Lane, String)>>>,
+    each: Duration,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
+        let mut out = Vec::new();
+        for r in batch {
+            tokio::time::sleep(self.each).await;
+            let payload = String::from_utf8_lossy(&r.payload).into_owned();
+            self.seen
+                .lock()
+                .unwrap()
+                .push((self.topics.lane_of(&r.topic), payload));
+            // Handlers name the live topic; the runner keeps the output in its input's lane.
+            out.push(Ok(vec![Output {
+                topic: self.topics.of::<Preprocessed>(),
+                key: r.key.clone().unwrap_or_default(),
+                payload: r.payload.clone(),
+            }]));
+        }
+        out
+    }
+}
+
+/// A live radiograph that arrives during a back-scan is handled next, not after the back-scan's
+/// queue; each lane's outputs stay in that lane.
+async fn live_work_goes_ahead_of_a_backscan(bus: Arc<dyn Bus>, t: &Topics) {
+    bus.create_topics(&t.all(), 3).await.unwrap();
+    const BACKLOG: usize = 300;
+    let input = t.of::<Deidentified>();
+    let mut p = LanedProducer::new(
+        bus.producer(&format!("{}-archive", t.prefix))
+            .await
+            .unwrap(),
+        t.clone(),
+        Lane::Backscan,
+    );
+    p.send(
+        (0..BACKLOG)
+            .map(|i| out(&input, &format!("a{i}"), &format!("archive-{i}")))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    Box::new(p).close().await.unwrap();
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop, shutdown) = Shutdown::new();
+    let env = StageEnv {
+        bus: bus.clone(),
+        store: BlobStore::from_object_store(Arc::new(object_store::memory::InMemory::new())),
+        topics: t.clone(),
+        metrics: StageMetrics::new(),
+        health: Health::default(),
+        shutdown,
+        instance: "lanes-0".into(),
+        retry: RetryPolicy::default(),
+        lanes: LaneConfig::default(),
+    };
+    let recorder = Recorder {
+        topics: t.clone(),
+        seen: seen.clone(),
+        each: Duration::from_millis(10),
+    };
+    let task = tokio::spawn(async move {
+        let batch = BatchConfig {
+            max: 8,
+            linger_ms: 5,
+        };
+        env.consume("lanes", input, batch, &recorder).await.unwrap();
+    });
+    let handled = |lane: Lane| seen.lock().unwrap().iter().filter(|s| s.0 == lane).count();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while handled(Lane::Backscan) < 16 {
+        assert!(Instant::now() < deadline, "the back-scan never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut live = bus.producer(&format!("{}-er", t.prefix)).await.unwrap();
+    let sent_at = handled(Lane::Backscan);
+    live.send(
+        (0..5)
+            .map(|i| {
+                out(
+                    &t.of::<Deidentified>(),
+                    &format!("e{i}"),
+                    &format!("er-{i}"),
+                )
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    live.close().await.unwrap();
+    while handled(Lane::Live) < 5 || handled(Lane::Backscan) < BACKLOG {
+        assert!(
+            Instant::now() < deadline,
+            "not everything was handled in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let last_live = seen.iter().rposition(|s| s.0 == Lane::Live).unwrap();
+    let archive_before = seen[..last_live]
+        .iter()
+        .filter(|s| s.0 == Lane::Backscan)
+        .count();
+    eprintln!(
+        "live records sent after {sent_at} back-scan records, all handled after {archive_before}"
+    );
+    // In a queue shared with the back-scan they would have waited for all 300; here for the
+    // batches in hand when they arrived (and Kafka's delivery of them).
+    assert!(
+        archive_before < sent_at + 100,
+        "the live records waited for {} back-scan records after {sent_at}",
+        archive_before - sent_at
+    );
+    let outputs = bus
+        .read_committed(&t.lanes_of::<Preprocessed>())
+        .await
+        .unwrap();
+    let in_lane = |lane: Lane| -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for r in outputs.iter().filter(|r| t.lane_of(&r.topic) == lane) {
+            *m.entry(String::from_utf8_lossy(&r.payload).into_owned())
+                .or_default() += 1;
+        }
+        m
+    };
+    let (live_out, archive_out) = (in_lane(Lane::Live), in_lane(Lane::Backscan));
+    assert_eq!(live_out.len(), 5, "{live_out:?}");
+    assert!(
+        live_out.keys().all(|k| k.starts_with("er-")),
+        "{live_out:?}"
+    );
+    assert_eq!(archive_out.len(), BACKLOG);
+    assert!(archive_out.keys().all(|k| k.starts_with("archive-")));
+    assert!(
+        live_out
+            .values()
+            .chain(archive_out.values())
+            .all(|&n| n == 1),
+        "once each"
+    );
+}
+
 async fn suite(bus: Arc<dyn Bus>, name: &str) {
     let t = Topics::new(&testkit::unique_prefix(name));
     order_per_key_and_nothing_lost(bus.as_ref(), &t).await;
@@ -441,6 +597,7 @@ async fn suite(bus: Arc<dyn Bus>, name: &str) {
     dead_letters_land_with_their_reason(bus.clone(), &t).await;
     read_committed_returns_everything_committed_once(bus.as_ref(), &t).await;
     lag_is_reported(bus.as_ref(), &t).await;
+    live_work_goes_ahead_of_a_backscan(bus.clone(), &t).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

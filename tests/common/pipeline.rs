@@ -106,6 +106,8 @@ pub struct Pipeline {
     procs: BTreeMap<String, Child>,
     /// Address-space limits (KiB) per stage, see [`Pipeline::limit_memory`].
     limits: BTreeMap<String, u64>,
+    /// Settings per stage as `FRACTURE__SECTION__KEY` variables, see [`Pipeline::setting`].
+    env: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Pipeline {
@@ -116,7 +118,18 @@ impl Pipeline {
             inputs: inputs.to_vec(),
             procs: BTreeMap::new(),
             limits: BTreeMap::new(),
+            env: BTreeMap::new(),
         }
+    }
+
+    /// Starts `stage` from now on with `key` (e.g. `ingest.lane`) set to `value`, over the
+    /// configuration file, as a deployment's environment would.
+    pub fn setting(&mut self, stage: &str, key: &str, value: &str) {
+        let var = format!("FRACTURE__{}", key.to_uppercase().replace('.', "__"));
+        self.env
+            .entry(stage.to_string())
+            .or_default()
+            .push((var, value.to_string()));
     }
 
     /// Starts `stage` from now on under an address-space limit of `kib` KiB, as a container's
@@ -167,6 +180,7 @@ impl Pipeline {
         if stage == "ingest" {
             cmd.args(&self.inputs);
         }
+        cmd.envs(self.env.get(stage).into_iter().flatten().cloned());
         let child = cmd.spawn().expect("start fracture serve");
         self.procs.insert(stage.to_string(), child);
     }
@@ -328,6 +342,8 @@ pub struct Span {
     pub name: String,
     pub start_ns: u64,
     pub end_ns: u64,
+    /// The string attributes.
+    pub attributes: Vec<(String, String)>,
 }
 
 /// An in-process OTLP/HTTP receiver: keeps every span posted to `/v1/traces`.
@@ -354,6 +370,17 @@ pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
                                 name: sp["name"].as_str().unwrap_or("").to_string(),
                                 start_ns: nanos(&sp["startTimeUnixNano"]),
                                 end_ns: nanos(&sp["endTimeUnixNano"]),
+                                attributes: sp["attributes"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|a| {
+                                        Some((
+                                            a["key"].as_str()?.to_string(),
+                                            a["value"]["stringValue"].as_str()?.to_string(),
+                                        ))
+                                    })
+                                    .collect(),
                             });
                         }
                     }
@@ -368,7 +395,8 @@ pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
     (format!("http://{addr}"), spans)
 }
 
-/// Reads the committed records of `fracture.findings` and `fracture.dead-letter` until at least
+/// Reads the committed records of `fracture.findings` (both lanes) and `fracture.dead-letter`
+/// until at least
 /// `want` are there (or `patience` passed), then once more after a pause to catch extras.
 pub async fn committed_outputs(
     bus: &KafkaBus,
@@ -376,7 +404,8 @@ pub async fn committed_outputs(
     want: usize,
     patience: Duration,
 ) -> Vec<Record> {
-    let names = [topics.of::<Finding>(), topics.of::<DeadLetter>()];
+    let mut names = topics.lanes_of::<Finding>();
+    names.push(topics.of::<DeadLetter>());
     let deadline = Instant::now() + patience;
     loop {
         match bus.read_committed(&names).await {

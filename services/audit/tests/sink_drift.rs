@@ -54,6 +54,7 @@ async fn a_sensitivity_drop_gives_one_alert_for_its_region() {
         shutdown,
         instance: "t".into(),
         retry: RetryPolicy::default(),
+        lanes: Default::default(),
     };
     let cfg = AuditConfig {
         dashboard_addr: String::new(),

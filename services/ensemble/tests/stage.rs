@@ -135,6 +135,7 @@ fn replica(bus: Arc<dyn Bus>, store: &BlobStore, topics: &Topics, instance: &str
             shutdown,
             instance: instance.into(),
             retry: RetryPolicy::default(),
+            lanes: Default::default(),
         },
         stop,
     }

@@ -54,6 +54,10 @@ pub struct IngestConfig {
     pub input_dir: String,
     /// Files per transaction.
     pub batch: usize,
+    /// The lane of what ingest reads itself (the folders and the DICOMweb back-scan): `backscan`,
+    /// so an archive never queues ahead of a patient, or `live` for a folder a department drops
+    /// today's radiographs into. The push doors (C-STORE, STOW-RS) are always live.
+    pub lane: fracture_shared::bus::Lane,
     /// The DICOM C-STORE door (`fracture serve ingest`); an empty `listen` keeps it closed.
     pub scp: scp::ScpConfig,
     /// Folder where refused inputs stay at the edge (mode 0700); empty: not kept.
@@ -85,6 +89,7 @@ impl Default for IngestConfig {
             linkage: "fracture-linkage.db".into(),
             input_dir: String::new(),
             batch: 16,
+            lane: fracture_shared::bus::Lane::Backscan,
             scp: scp::ScpConfig {
                 listen: String::new(),
                 ..Default::default()

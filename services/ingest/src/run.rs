@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fracture_shared::bus::{BusError, Producer};
+use fracture_shared::bus::{BusError, LanedProducer, Producer};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified};
 use fracture_shared::metrics::StageMetrics;
 use fracture_shared::stage::{Shutdown, StageEnv};
@@ -81,12 +81,14 @@ pub async fn run(env: &StageEnv, cfg: &IngestConfig, paths: &[PathBuf]) -> Resul
         inputs.push(PathBuf::from(&cfg.input_dir));
     }
     let instance = format!("{}.{STAGE}.{}", env.topics.prefix, env.instance);
-    let mut producer = env
+    let producer = env
         .retry
         .retry("the broker is not reachable yet")
         .until(&env.shutdown)
         .run(|| env.bus.producer(&instance), |_| true)
         .await?;
+    let mut producer: Box<dyn Producer> =
+        Box::new(LanedProducer::new(producer, env.topics.clone(), cfg.lane));
     env.health.set_ready(true);
     env.metrics.ready_gauge.with_label_values(&[STAGE]).set(1);
     if !inputs.is_empty() {
@@ -166,14 +168,14 @@ fn count(metrics: &StageMetrics, outcome: Outcome) {
 /// The pseudonymous references of every input ingest has already published (a radiograph or a
 /// dead letter), from the committed records of its output topics.
 async fn ingested_before(env: &StageEnv) -> Result<HashSet<String>, BusError> {
-    let topics = [
-        env.topics.of::<Deidentified>(),
-        env.topics.of::<DeadLetter>(),
-    ];
+    // Both lanes: the lane may have been changed since.
+    let mut topics = env.topics.lanes_of::<Deidentified>();
+    let dead = env.topics.of::<DeadLetter>();
+    topics.push(dead.clone());
     let records = env.bus.read_committed(&topics).await?;
     let mut done = HashSet::new();
     for r in &records {
-        if r.topic == topics[0] {
+        if r.topic != dead {
             if let Ok(m) = decode::<Deidentified>(&r.payload) {
                 done.insert(m.id.input);
             }

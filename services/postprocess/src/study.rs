@@ -178,7 +178,8 @@ pub async fn run(env: &StageEnv, cfg: &StudyConfig) -> Result<(), StageFailed> {
     };
     let group = format!("{}.{GROUP_SUFFIX}", env.topics.prefix);
     let instance = format!("{group}.{}", env.instance);
-    let findings = env.topics.of::<Finding>();
+    // Both lanes in one group: a summary waits out a quiet period anyway.
+    let findings = env.topics.lanes_of::<Finding>();
     let summaries = env.topics.of::<StudySummary>();
     let quiet = Duration::from_millis(cfg.quiet_ms);
     let retain = Duration::from_secs(cfg.retain_s);
@@ -189,10 +190,7 @@ pub async fn run(env: &StageEnv, cfg: &StudyConfig) -> Result<(), StageFailed> {
         .retry("the bus is not reachable yet")
         .until(&env.shutdown)
         .run(
-            || {
-                env.bus
-                    .consumer(&group, std::slice::from_ref(&findings), &instance)
-            },
+            || env.bus.consumer(&group, &findings, &instance),
             |e| matches!(e, fracture_shared::bus::BusError::Unavailable(_)),
         )
         .await
@@ -204,7 +202,7 @@ pub async fn run(env: &StageEnv, cfg: &StudyConfig) -> Result<(), StageFailed> {
         .map_err(fail)?;
     let mut tracker = StudyTracker::new();
     let mut polled = false;
-    tracing::info!(topic = %findings, quiet_ms = cfg.quiet_ms, "summarising studies");
+    tracing::info!(topics = %findings.join(","), quiet_ms = cfg.quiet_ms, "summarising studies");
     while !shutdown.is_set() {
         let batch = tokio::select! {
             b = io.poll_batch(256, Duration::from_millis(5), tick) => match b {

@@ -403,6 +403,7 @@ async fn the_stage_summarises_each_study_once_it_is_quiet() {
         shutdown,
         instance: "test".into(),
         retry: RetryPolicy::default(),
+        lanes: Default::default(),
     };
     let cfg = PostprocessConfig {
         studies: StudyConfig {

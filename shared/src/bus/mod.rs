@@ -11,9 +11,11 @@ use async_trait::async_trait;
 
 pub mod inproc;
 pub mod kafka;
+pub mod lanes;
 
 pub use inproc::InProcBus;
 pub use kafka::{KafkaBus, KafkaConfig};
+pub use lanes::{Lane, LaneConfig, LanedIo, LanedProducer};
 
 /// A consumed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,10 +90,10 @@ impl Topics {
     pub fn of<M: crate::messages::Message>(&self) -> String {
         self.name(M::TOPIC)
     }
-    /// Every topic the pipeline uses.
+    /// Every topic the pipeline uses, both lanes of the laned ones.
     pub fn all(&self) -> Vec<String> {
         use crate::messages::*;
-        [
+        let mut all: Vec<String> = [
             Deidentified::TOPIC,
             Preprocessed::TOPIC,
             Scored::TOPIC,
@@ -103,7 +105,9 @@ impl Topics {
         ]
         .iter()
         .map(|t| self.name(t))
-        .collect()
+        .collect();
+        all.extend(self.laned().iter().map(|t| self.in_lane(t, Lane::Backscan)));
+        all
     }
 }
 
