@@ -202,11 +202,14 @@ impl StageIo for LanedIo {
             Lane::Backscan => Lane::Live,
         };
         self.turn = second;
-        let got = self.poll_lane(first, max, linger, idle / 2).await?;
-        if !got.is_empty() {
-            return Ok(got);
+        for lane in [first, second] {
+            let got = self.poll_lane(lane, max, linger, GLANCE).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
         }
-        self.poll_lane(second, max, linger, idle / 2).await
+        // Both idle: wait where a wait matters, the live lane.
+        self.poll_lane(Lane::Live, max, linger, idle).await
     }
 
     async fn commit(&mut self, outputs: Vec<OutRecord>) -> Result<(), BusError> {
@@ -263,7 +266,76 @@ impl Producer for LanedProducer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{Bus, InProcBus};
     use crate::messages::{DeadLetter, Deidentified, Finding, Label};
+
+    /// The lanes of the batches a [`LanedIo`] hands out, with 12 records waiting in each lane,
+    /// committing each batch.
+    async fn batch_lanes(cfg: LaneConfig) -> Vec<Lane> {
+        let bus = InProcBus::new();
+        let t = Topics::new("p");
+        bus.create_topics(&t.all(), 1).await.unwrap();
+        let live = t.of::<Deidentified>();
+        let mut p = bus.producer("src").await.unwrap();
+        let record = |topic: String, i: usize| OutRecord {
+            topic,
+            key: format!("k{i}"),
+            payload: vec![b'x'],
+            headers: vec![],
+        };
+        p.send(
+            (0..12)
+                .flat_map(|i| {
+                    [
+                        record(live.clone(), i),
+                        record(t.in_lane(&live, Lane::Backscan), i),
+                    ]
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let backscan = t.in_lane(&live, Lane::Backscan);
+        let mut io = LanedIo::new(
+            bus.consumer("g", std::slice::from_ref(&live), "g-0")
+                .await
+                .unwrap(),
+            bus.consumer("g.backscan", &[backscan], "g-0.backscan")
+                .await
+                .unwrap(),
+            cfg,
+        );
+        let mut lanes = Vec::new();
+        loop {
+            let b = io
+                .poll_batch(4, Duration::from_millis(1), Duration::from_millis(50))
+                .await
+                .unwrap();
+            let Some(first) = b.first() else { break };
+            let lane = t.lane_of(&first.topic);
+            assert!(
+                b.iter().all(|r| t.lane_of(&r.topic) == lane),
+                "one lane a batch"
+            );
+            lanes.push(lane);
+            io.commit(vec![]).await.unwrap();
+        }
+        lanes
+    }
+
+    #[tokio::test]
+    async fn live_first_drains_the_live_lane_before_any_backscan_batch() {
+        use Lane::*;
+        let lanes = batch_lanes(LaneConfig { live_first: true }).await;
+        assert_eq!(lanes, [Live, Live, Live, Backscan, Backscan, Backscan]);
+    }
+
+    #[tokio::test]
+    async fn without_priority_the_lanes_take_turns() {
+        use Lane::*;
+        let lanes = batch_lanes(LaneConfig { live_first: false }).await;
+        assert_eq!(lanes, [Live, Backscan, Live, Backscan, Live, Backscan]);
+    }
 
     #[test]
     fn the_radiograph_flow_has_two_lanes_and_the_rest_one() {
