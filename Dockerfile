@@ -19,8 +19,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked --bin fracture; \
     install -D -m 0755 target/release/fracture /out/usr/local/bin/fracture; \
     mkdir -p /out/usr/share/fracture/models; \
-    cp -r models/untrained /out/usr/share/fracture/models/untrained; \
-    cp -r models/demo /out/usr/share/fracture/models/demo; \
+    cp -r models/demo models/untrained models/null /out/usr/share/fracture/models/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN set -eux; \
@@ -38,7 +37,7 @@ COPY --from=builder /out/ /
 USER 10001:10001
 WORKDIR /var/lib/fracture
 ENV RUST_BACKTRACE=1
-# Until a trained ensemble ships, the image serves the untrained pipeline-test ensemble.
+# The demo ensemble (trained on synthetic phantoms only: it has never seen a real fracture).
 ENV FRACTURE__MODEL__MANIFEST=/usr/share/fracture/models/demo/ensemble.toml
 EXPOSE 9100
 ENTRYPOINT ["fracture"]

@@ -74,14 +74,21 @@ pub fn ensemble(cfg: &ModelConfig, over: Option<&Path>) -> anyhow::Result<Arc<En
     Ok(Arc::new(e))
 }
 
-pub fn model_summary(arch: &str, input: usize, channels: usize) -> anyhow::Result<()> {
-    use fracture_models::drn::{count_parameters, multiply_adds, Arch, DrnConfig};
-    let a: Arch =
-        serde_json::from_value(serde_json::Value::String(arch.to_string())).map_err(|_| {
-            anyhow::anyhow!(
-                "unknown architecture {arch:?}; choose drn_c_26, drn_c_42, drn_d_22 or drn_d_38"
-            )
-        })?;
+/// An architecture by its manifest name (`drn_c_26`) or as the paper spells it (`DRN-C-26`).
+fn arch(name: &str) -> anyhow::Result<fracture_models::drn::Arch> {
+    let canonical = name.trim().to_ascii_lowercase().replace('-', "_");
+    serde_json::from_value(serde_json::Value::String(canonical)).map_err(|_| {
+        anyhow::anyhow!(
+            "unknown architecture {name:?}; choose drn_c_26, drn_c_42, drn_d_22 or drn_d_38 \
+             (DRN-C-26 and the like work too)"
+        )
+    })
+}
+
+pub fn model_summary(arch_name: &str, input: usize, channels: usize) -> anyhow::Result<()> {
+    use fracture_models::drn::{count_parameters, multiply_adds, DrnConfig};
+    let a = arch(arch_name)?;
+    let arch = arch_name;
     let cfg = DrnConfig::new(a, channels);
     cfg.validate()?;
     let params = count_parameters(&cfg);
@@ -108,6 +115,27 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn architectures_answer_to_the_papers_spelling_too() {
+        for (name, same) in [
+            ("DRN-C-26", "drn_c_26"),
+            ("drn-d-22", "drn_d_22"),
+            (" DRN_D_38", "drn_d_38"),
+        ] {
+            assert_eq!(
+                super::arch(name).unwrap(),
+                super::arch(same).unwrap(),
+                "{name}"
+            );
+        }
+        assert_ne!(
+            super::arch("DRN-C-26").unwrap(),
+            super::arch("DRN-C-42").unwrap()
+        );
+        let e = super::arch("resnet50").unwrap_err().to_string();
+        assert!(e.contains("drn_c_26") && e.contains("resnet50"), "{e}");
     }
 
     /// Without the cuda feature, or without that GPU, asking for one fails and says what to do.

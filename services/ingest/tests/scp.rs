@@ -764,7 +764,6 @@ async fn associate_raw(
 /// stores a radiograph.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_senders_lose_their_slot_and_a_flood_is_turned_away() {
-    use dicom_ul::association::AsyncAssociation;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut h = Harness::start_configured(|c| {
         c.max_associations = 1;
