@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -533,4 +534,179 @@ async fn a_pacs_down_at_first_gets_every_result_once_it_is_up() {
     .await;
     let bad = p.stop();
     assert!(bad.is_empty(), "{bad:?}\n{}", logs(&p));
+}
+
+/// Three hospitals on one cluster: each site's edge (its own ingest with its own site code, key
+/// and linkage table, and its own export to its own PACS) feeds and reads the same preprocess,
+/// ensemble, postprocess and audit. Each PACS gets exactly its own patients' results; no site's
+/// pseudonyms reach another site's ledger or logs; findings and audit rows keep their site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sites_on_one_cluster_each_get_only_their_own_results() {
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("sites");
+    let core_dir = work.join("core");
+    let core_key = work.join("core.key");
+    std::fs::write(&core_key, [9u8; 32]).unwrap();
+    let core_cfg = pipeline::write_null_config(&core_dir, &brokers, &prefix, &core_key, "");
+    let mut core = Pipeline::new(&core_dir, &core_cfg, &[]);
+    for s in ["audit", "postprocess", "ensemble", "preprocess"] {
+        core.start(s);
+    }
+    let store = core_dir.join("store");
+
+    struct Site {
+        code: &'static str,
+        radiographs: Vec<Radiograph>,
+        orthanc: Orthanc,
+        p: Pipeline,
+    }
+    let mut sites = Vec::new();
+    for (i, code) in ["NORTH", "SOUTH", "EAST"].into_iter().enumerate() {
+        let dir = work.join(code.to_lowercase());
+        let radiographs = radiographs(&dir, 2, 20 + i as u64, false);
+        let orthanc = Orthanc::new(&dir.join("orthanc"));
+        orthanc.start();
+        let run = dir.join("run");
+        let key = dir.join("deid.key");
+        std::fs::write(&key, [i as u8 + 40; 32]).unwrap();
+        let extra = format!(
+            "[export]\npacs = \"{}\"\nsite_code = \"{code}\"\ncalling_ae_title = \"FRACTURE-TEST\"\n\
+             linkage = \"{}\"\nledger = \"{}\"\nconnect_timeout_ms = 5000\ntimeout_ms = 60000\n\
+             [retry]\ncap_ms = 2000\n",
+            orthanc.pacs(),
+            run.join("linkage.db").display(),
+            run.join("export-ledger.db").display(),
+        );
+        let cfg = pipeline::write_null_config(&run, &brokers, &prefix, &key, &extra);
+        let mut p = Pipeline::new(&run, &cfg, &[dir.join("in")]);
+        p.instance = format!("{}-0", code.to_lowercase());
+        for stage in ["ingest", EXPORT] {
+            // The claim-check store is the cluster's; the site code is the edge's own.
+            p.setting(stage, "store.url", &store.display().to_string());
+            p.setting(stage, "ingest.site_code", code);
+        }
+        p.start(EXPORT);
+        p.start("ingest");
+        sites.push(Site {
+            code,
+            radiographs,
+            orthanc,
+            p,
+        });
+    }
+
+    for s in &sites {
+        let ledger = Ledger::open(&s.p.dir.join("export-ledger.db"))
+            .await
+            .unwrap();
+        assert_exported_once(
+            &s.p,
+            Duration::from_secs(300),
+            &s.orthanc,
+            &ledger,
+            &s.radiographs,
+        )
+        .await;
+    }
+    // The findings on the bus, by the site they name.
+    let bus = KafkaBus::new(KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    });
+    let topics = Topics::new(&prefix);
+    let out = pipeline::committed_outputs(&bus, &topics, 6, Duration::from_secs(60)).await;
+    let mut by_site: BTreeMap<String, Vec<Finding>> = BTreeMap::new();
+    for r in out.iter().filter(|r| r.topic != topics.of::<DeadLetter>()) {
+        let f: Finding = decode(&r.payload).unwrap();
+        by_site.entry(f.site.clone()).or_default().push(f);
+    }
+    assert_eq!(
+        by_site.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["EAST", "NORTH", "SOUTH"]
+    );
+    for s in &sites {
+        assert_eq!(by_site[s.code].len(), 2, "{}", s.code);
+        // Its linkage table holds its own radiographs only.
+        let link = pipeline::linkage(&s.p.dir).await;
+        assert_eq!(link.len(), 2, "{}: {link:?}", s.code);
+        let own_inputs: Vec<&String> = by_site[s.code].iter().map(|f| &f.id.input).collect();
+        assert!(link.keys().all(|k| own_inputs.contains(&k)), "{}", s.code);
+        // No other site's pseudonym in its ledger or its logs.
+        let ledger = Ledger::open(&s.p.dir.join("export-ledger.db"))
+            .await
+            .unwrap();
+        let entries = ledger.entries().await.unwrap();
+        let logs = format!("{}{}", s.p.log("ingest"), s.p.log(EXPORT));
+        for (site, findings) in by_site.iter().filter(|(c, _)| *c != s.code) {
+            for f in findings {
+                for uid in [
+                    &f.id.sop_instance_uid,
+                    &f.id.study_instance_uid,
+                    &f.id.input,
+                ] {
+                    assert!(
+                        entries.iter().all(|e| &e.source_sop_instance_uid != uid),
+                        "{site}'s {uid} in {}'s ledger",
+                        s.code
+                    );
+                    assert!(
+                        !logs.contains(uid.as_str()),
+                        "{site}'s {uid} in {}'s logs",
+                        s.code
+                    );
+                }
+            }
+        }
+        let metrics = s.p.metrics(EXPORT);
+        assert_eq!(
+            sample(
+                &metrics,
+                "fracture_export_skipped_total",
+                "reason=\"other_site\""
+            ),
+            4.0,
+            "{}: the other sites' four findings passed over\n{metrics}",
+            s.code
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                "fracture_export_skipped_total",
+                "reason=\"no_linkage\""
+            ),
+            0.0,
+            "{}: nothing looked up that was not its own",
+            s.code
+        );
+    }
+    // The audit keeps every finding under its site.
+    let db =
+        fracture_audit::AuditDb::open(&format!("sqlite://{}", core_dir.join("audit.db").display()))
+            .await
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in &sites {
+        loop {
+            let cases = db.cases(Some(s.code), None).await.unwrap();
+            if cases.len() == 2 {
+                break;
+            }
+            assert!(
+                cases.len() < 2 && Instant::now() < deadline,
+                "{}: {} audit rows\n{}",
+                s.code,
+                cases.len(),
+                core.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    db.close().await;
+    for s in &mut sites {
+        let failures = s.p.stop();
+        assert!(failures.is_empty(), "{}: {failures:?}", s.code);
+    }
+    assert!(core.stop().is_empty(), "{}", core.logs());
 }

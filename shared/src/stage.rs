@@ -498,7 +498,21 @@ impl StageEnv {
         batch: BatchConfig,
         handler: &dyn Handler,
     ) -> Result<(), StageFailed> {
-        let group = format!("{}.{}", self.topics.prefix, stage);
+        self.consume_in(stage, stage, inputs, batch, handler).await
+    }
+
+    /// Like [`StageEnv::consume_many`], in consumer group `<prefix>.<group>` (and transactional
+    /// ids under it) instead of the stage's own: for a stage several parties each run whole,
+    /// such as one export per site.
+    pub async fn consume_in(
+        &self,
+        stage: &'static str,
+        group: &str,
+        inputs: Vec<String>,
+        batch: BatchConfig,
+        handler: &dyn Handler,
+    ) -> Result<(), StageFailed> {
+        let group = format!("{}.{}", self.topics.prefix, group);
         let instance = format!("{group}.{}", self.instance);
         let input = inputs.join(",");
         let runner = StageRunner {

@@ -108,6 +108,8 @@ pub struct Pipeline {
     limits: BTreeMap<String, u64>,
     /// Settings per stage as `FRACTURE__SECTION__KEY` variables, see [`Pipeline::setting`].
     env: BTreeMap<String, Vec<(String, String)>>,
+    /// Every stage's `--instance` (its transactional id suffix).
+    pub instance: String,
 }
 
 impl Pipeline {
@@ -119,6 +121,7 @@ impl Pipeline {
             procs: BTreeMap::new(),
             limits: BTreeMap::new(),
             env: BTreeMap::new(),
+            instance: "run-0".into(),
         }
     }
 
@@ -174,7 +177,7 @@ impl Pipeline {
             .arg("serve")
             .arg(stage)
             .arg("--instance")
-            .arg("run-0")
+            .arg(&self.instance)
             .stdout(Stdio::null())
             .stderr(log);
         if stage == "ingest" {

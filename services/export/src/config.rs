@@ -11,6 +11,11 @@ use crate::scu::{Pacs, Tls};
 pub struct ExportConfig {
     /// The PACS: `AE_TITLE@host:port`, e.g. `ORTHANC@127.0.0.1:4242`.
     pub pacs: String,
+    /// The site whose results this edge sends back (its ingest's `site_code`), where several
+    /// hospitals share one cluster: the export then reads every finding in a consumer group of
+    /// its own (`<prefix>.export.<site_code>`), and one of another site is passed over unopened
+    /// (not looked up, not logged). Empty: every finding this edge's linkage table knows.
+    pub site_code: String,
     /// Our AE title, as the PACS knows us.
     pub calling_ae_title: String,
     /// Ingest's linkage table (`ingest.linkage`), or a folder of them (`*.db`, one per ingest
@@ -38,6 +43,7 @@ impl Default for ExportConfig {
     fn default() -> Self {
         Self {
             pacs: String::new(),
+            site_code: String::new(),
             calling_ae_title: "FRACTURE".into(),
             linkage: "fracture-linkage.db".into(),
             ledger: "fracture-export-ledger.db".into(),
@@ -60,6 +66,17 @@ impl ExportConfig {
         if calling.is_empty() || calling.len() > 16 || calling.contains('\\') {
             return Err(SettingError(format!(
                 "export.calling_ae_title {calling:?}: an AE title has 1 to 16 characters, no backslash"
+            )));
+        }
+        let site = &self.site_code;
+        if !site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            || site.len() > 64
+        {
+            return Err(SettingError(format!(
+                "export.site_code {site:?}: up to 64 letters, digits, '-' or '_' (it names the \
+                 export's consumer group), the site_code of this edge's ingest"
             )));
         }
         for (key, v) in [("linkage", &self.linkage), ("ledger", &self.ledger)] {
@@ -127,6 +144,13 @@ mod tests {
                     ..good.clone()
                 },
                 "export.ledger",
+            ),
+            (
+                ExportConfig {
+                    site_code: "north side".into(),
+                    ..good.clone()
+                },
+                "export.site_code",
             ),
             (
                 ExportConfig {

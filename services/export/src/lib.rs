@@ -69,7 +69,8 @@ pub struct ExportMetrics {
     /// (the PACS holds it), `refused` (for good), `already_sent` (a redelivery: the ledger had
     /// finished it, nothing was sent).
     pub objects: IntCounterVec,
-    /// `fracture_export_skipped_total{reason}`: findings not exported (`no_linkage`, `no_dicom`).
+    /// `fracture_export_skipped_total{reason}`: findings not exported (`no_linkage`, `no_dicom`,
+    /// `other_site`).
     pub skipped: IntCounterVec,
 }
 
@@ -108,6 +109,8 @@ pub enum Exported {
     NoLinkage,
     /// No SR or SC to export.
     NoDicom,
+    /// Another site's: not this edge's to send.
+    OtherSite,
 }
 
 /// One DICOM result of a finding.
@@ -165,6 +168,15 @@ impl Exporter {
 
     /// Exports one finding's SR and SC (what the ledger has not finished).
     pub async fn export(&self, finding: &Finding) -> Result<Exported, StageError> {
+        if !self.cfg.site_code.is_empty() && finding.site != self.cfg.site_code {
+            // Before anything of it is read or logged: another site's pseudonyms stay out of
+            // this edge's linkage lookups, ledger and logs.
+            self.metrics
+                .skipped
+                .with_label_values(&["other_site"])
+                .inc();
+            return Ok(Exported::OtherSite);
+        }
         let id = &finding.id;
         let uids = OutputUids::new(
             &id.study_instance_uid,
@@ -343,6 +355,20 @@ pub async fn run(env: &StageEnv, cfg: &ExportConfig) -> Result<(), StageFailed> 
         Err(e) => return Err(fatal(e.to_string())),
     };
     tracing::info!(%pacs, calling_ae = %cfg.calling_ae_title, linkage = %cfg.linkage, ledger = %cfg.ledger, "exporting findings to the PACS");
-    env.consume(STAGE, env.topics.of::<Finding>(), cfg.batch, &exporter)
+    if cfg.site_code.is_empty() {
+        env.consume(STAGE, env.topics.of::<Finding>(), cfg.batch, &exporter)
+            .await
+    } else {
+        // Every site's export sees every finding: a group shared between sites would hand each
+        // only some partitions, and the other sites' results on them would never go home.
+        let group = format!("{STAGE}.{}", cfg.site_code);
+        env.consume_in(
+            STAGE,
+            &group,
+            vec![env.topics.of::<Finding>()],
+            cfg.batch,
+            &exporter,
+        )
         .await
+    }
 }
