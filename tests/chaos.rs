@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pipeline::{self, Pipeline};
-use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, OutRecord, Record, Topics};
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Lane, OutRecord, Record, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Finding};
 use fracture_shared::testkit;
 use rand::{Rng, SeedableRng};
@@ -180,18 +180,28 @@ fn kafka(brokers: &str) -> KafkaBus {
     })
 }
 
-/// Malformed, wrong-schema and oversized messages on every topic a stage consumes.
+/// Malformed, wrong-schema and oversized messages on every topic a stage consumes, both lanes.
 async fn poison(bus: &KafkaBus, topics: &Topics) -> Vec<(String, String)> {
     bus.create_topics(&topics.all(), 3).await.unwrap();
     let mut records = Vec::new();
     let mut expected = Vec::new();
-    for t in [
+    let live = [
         "deidentified",
         "preprocessed",
         "scored",
         "findings",
         "labels",
-    ] {
+    ]
+    .map(|t| topics.name(t));
+    let backscan = live
+        .iter()
+        .map(|t| topics.in_lane(t, Lane::Backscan))
+        .filter(|t| !live.contains(t));
+    for t in live.iter().cloned().chain(backscan) {
+        let short = t
+            .strip_prefix(&format!("{}.", topics.prefix))
+            .unwrap()
+            .to_string();
         for (kind, payload) in [
             ("garbage", b"\x00\x01 not json at all {{{".to_vec()),
             (
@@ -205,14 +215,14 @@ async fn poison(bus: &KafkaBus, topics: &Topics) -> Vec<(String, String)> {
                 v
             }),
         ] {
-            let key = format!("poison-{t}-{kind}");
+            let key = format!("poison-{short}-{kind}");
             records.push(OutRecord {
-                topic: topics.name(t),
+                topic: t.clone(),
                 key: key.clone(),
                 payload,
                 headers: vec![],
             });
-            expected.push((key, topics.name(t)));
+            expected.push((key, t.clone()));
         }
     }
     let mut p = bus.producer("chaos-poisoner").await.unwrap();
@@ -413,6 +423,59 @@ async fn broker_restart(signal: &str) {
         .arg("stop")
         .arg(&kdir)
         .status();
+}
+
+/// Scaling under load: the first preprocess stalls (SIGSTOP) while a back-log builds, second
+/// replicas of preprocess, the ensemble and postprocess join (their groups rebalance, on both
+/// lanes, and the stalled member's partitions move when its session expires), the stalled one
+/// resumes and is scaled down with SIGTERM, as is the first ensemble, and the new postprocess is
+/// SIGKILLed; every input ends exactly once, and the new replicas did part of the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_added_and_removed_mid_run_lose_and_duplicate_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let n = env_or("FRACTURE_CHAOS_INPUTS", 60) as usize * 2;
+    let keep = tempfile::tempdir().unwrap();
+    let work = keep.path();
+    let inputs = inputs(&work.join("inputs"), n, 17);
+    let brokers = testkit::kafka_brokers();
+    let prefix = testkit::unique_prefix("scale");
+    let topics = Topics::new(&prefix);
+    let bus = kafka(&brokers);
+    let mut p = run(work, &brokers, &prefix, &inputs);
+    p.start_all();
+    until_findings(&bus, &topics, n / 8, &p).await;
+    p.signal("preprocess", "STOP");
+    for stage in ["preprocess", "ensemble", "postprocess"] {
+        p.start_as(&format!("{stage}-2"), stage, "run-2");
+    }
+    until_findings(&bus, &topics, n / 2, &p).await;
+    p.signal("preprocess", "CONT");
+    p.terminate("preprocess");
+    p.terminate("ensemble");
+    p.kill("postprocess-2");
+    let want = inputs.good.len() + inputs.bad.len();
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(600)).await;
+    let t = tally(&p, &inputs, &out, "none").await;
+    assert_eq!(t.findings, inputs.good.len());
+    // The second replicas did work (the groups really rebalanced onto them).
+    for stage in ["preprocess-2", "ensemble-2"] {
+        let processed: f64 = p
+            .metrics(stage)
+            .lines()
+            .filter(|l| l.starts_with("fracture_radiographs_processed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(processed > 0.0, "{stage} handled nothing\n{}", p.log(stage));
+        eprintln!("{stage} handled {processed} radiographs");
+    }
+    let rows = audit_rows(&p, inputs.good.len() as i64).await;
+    assert_eq!(
+        rows,
+        inputs.good.len() as i64,
+        "one audit row per radiograph"
+    );
+    let failures = p.stop();
+    assert!(failures.is_empty(), "clean SIGTERM exits: {failures:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -151,14 +151,18 @@ impl Pipeline {
     /// Starts `stage` under its stable instance name (its transactional id and static group
     /// member id), as a restarted pod would.
     pub fn start(&mut self, stage: &str) {
-        assert!(
-            !self.procs.contains_key(stage),
-            "{stage} is already running"
-        );
+        let instance = self.instance.clone();
+        self.start_as(stage, stage, &instance);
+    }
+
+    /// Starts another replica of `stage`, known here (and by its log, `<name>.log`) as `name`,
+    /// with its own `instance`.
+    pub fn start_as(&mut self, name: &str, stage: &str, instance: &str) {
+        assert!(!self.procs.contains_key(name), "{name} is already running");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("{stage}.log")))
+            .open(self.dir.join(format!("{name}.log")))
             .unwrap();
         let mut cmd = match self.limits.get(stage) {
             Some(kib) => {
@@ -177,7 +181,7 @@ impl Pipeline {
             .arg("serve")
             .arg(stage)
             .arg("--instance")
-            .arg(&self.instance)
+            .arg(instance)
             .stdout(Stdio::null())
             .stderr(log);
         if stage == "ingest" {
@@ -185,7 +189,34 @@ impl Pipeline {
         }
         cmd.envs(self.env.get(stage).into_iter().flatten().cloned());
         let child = cmd.spawn().expect("start fracture serve");
-        self.procs.insert(stage.to_string(), child);
+        self.procs.insert(name.to_string(), child);
+    }
+
+    /// SIGTERM to `name` alone, as a scale-down would send; panics unless it exits cleanly
+    /// within 30 s.
+    pub fn terminate(&mut self, name: &str) {
+        let mut c = self.procs.remove(name).expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match c.try_wait() {
+                Ok(Some(s)) => {
+                    assert!(s.success(), "{name} exited with {s}\n{}", self.log(name));
+                    return;
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = c.kill();
+                    panic!(
+                        "{name} did not stop within 30 s of SIGTERM\n{}",
+                        self.log(name)
+                    );
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// SIGKILL: no chance to abort the open transaction, flush or leave the group.
