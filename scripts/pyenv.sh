@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The Python peers for the evaluation oracle tests (scikit-learn, statsmodels), in a venv of their own.
+# The Python peers of the tests, in a venv of their own: scikit-learn and statsmodels (the evaluation
+# oracles), highdicom and pydicom, and kubernetes-validate (the chart's manifests against the
+# Kubernetes OpenAPI schemas, tests/helm_chart.rs).
 #
 # Usage:
 #   scripts/pyenv.sh
@@ -19,6 +21,14 @@ MARKER="$VENV/.fracture-pinned"
 # Exact versions, transitive dependencies included, so every machine computes with the same code.
 PINNED=(
   "numpy==2.4.6"
+  "kubernetes-validate==1.34.1"
+  "attrs==26.1.0"
+  "importlib_resources==7.1.0"
+  "jsonschema==4.26.0"
+  "jsonschema-specifications==2025.9.1"
+  "PyYAML==6.0.4"
+  "referencing==0.37.0"
+  "rpds-py==2026.9.1"
   "scipy==1.17.1"
   "scikit-learn==1.9.1"
   "statsmodels==0.15.0"

@@ -1454,3 +1454,78 @@ fn dicom_tls_certificates_come_from_their_secrets_in_the_pods_that_use_them() {
         "{stderr}"
     );
 }
+
+/// The Python venv of the test peers (`scripts/pyenv.sh`, pinned, made once).
+fn venv_bin(name: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(chart().join("../../scripts/pyenv.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/pyenv.sh");
+    assert!(
+        out.status.success(),
+        "scripts/pyenv.sh failed ({}); it needs Python 3.11+ with venv and PyPI access the first time",
+        out.status
+    );
+    let python = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("pyenv.sh prints the venv's python")
+            .trim(),
+    );
+    python.with_file_name(name)
+}
+
+/// Every rendered manifest, with the default values and with every option on, validates strictly
+/// (no unknown field, every required one) against the OpenAPI schemas of each Kubernetes version
+/// the chart claims that kubernetes-validate has (1.25 to 1.34). The custom resources (KEDA's
+/// ScaledObject, the Prometheus Operator's ServiceMonitor) have no schema there and are the only
+/// kinds allowed to go unchecked.
+#[test]
+fn manifests_validate_against_the_kubernetes_openapi_schemas() {
+    let validate = venv_bin("kubernetes-validate");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut checked = 0;
+    for minor in 25..=34 {
+        let version = format!("1.{minor}.0");
+        for (label, values) in [("defaults", None), ("all-on", Some(ALL_ON))] {
+            let mut cmd = Command::new(helm());
+            cmd.args(["template", RELEASE, ".", "--kube-version", &version]);
+            if let Some(v) = values {
+                cmd.args(["-f", v]);
+            }
+            let out = cmd.current_dir(chart()).output().expect("helm runs");
+            assert!(
+                out.status.success(),
+                "{label} on {version}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let file = tmp.path().join(format!("{label}-{version}.yaml"));
+            std::fs::write(&file, &out.stdout).unwrap();
+            let v = Command::new(&validate)
+                .args(["--strict", "--quiet", "-k", &version])
+                .arg(&file)
+                .output()
+                .expect("kubernetes-validate runs");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&v.stdout),
+                String::from_utf8_lossy(&v.stderr)
+            );
+            assert!(
+                v.status.success(),
+                "{label} on Kubernetes {version}:\n{said}"
+            );
+            for line in said.lines().filter(|l| !l.trim().is_empty()) {
+                assert!(
+                    line.contains("Couldn't find schema for kind ScaledObject")
+                        || line.contains("Couldn't find schema for kind ServiceMonitor"),
+                    "{label} on Kubernetes {version}: {line}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 20);
+}
