@@ -17,7 +17,7 @@ const RELEASE: &str = "fracture";
 const NAMESPACE: &str = "radiology";
 /// The stages every release runs.
 const STAGES: [&str; 5] = ["ingest", "preprocess", "ensemble", "postprocess", "audit"];
-/// The export to the PACS: its own Deployment when `export.enabled`.
+/// The export to the PACS: its own StatefulSet when `export.enabled`.
 const EXPORT: &str = "export";
 const ALL_ON: &str = "ci/all-on-values.yaml";
 
@@ -127,17 +127,17 @@ impl Rendered {
             .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.label))
     }
 
-    /// The stages this rendering runs: [`STAGES`], and [`EXPORT`] when its Deployment is there.
+    /// The stages this rendering runs: [`STAGES`], and [`EXPORT`] when its StatefulSet is there.
     fn stages(&self) -> Vec<&'static str> {
         let export = self
-            .kind("Deployment")
+            .kind("StatefulSet")
             .iter()
             .any(|d| text(&d["metadata"]["name"]) == format!("{RELEASE}-{EXPORT}"));
         STAGES.into_iter().chain(export.then_some(EXPORT)).collect()
     }
 
     fn deployment(&self, stage: &str) -> &Value {
-        self.get("Deployment", &format!("{RELEASE}-{stage}"))
+        self.get("StatefulSet", &format!("{RELEASE}-{stage}"))
     }
 
     fn pod(&self, stage: &str) -> &Value {
@@ -434,7 +434,7 @@ fn helm_lint_passes_with_defaults_and_with_every_option_on() {
 #[test]
 fn manifests_use_current_api_versions_and_reference_what_exists() {
     let expected: BTreeMap<&str, &str> = [
-        ("Deployment", "apps/v1"),
+        ("StatefulSet", "apps/v1"),
         ("Service", "v1"),
         ("ConfigMap", "v1"),
         ("Secret", "v1"),
@@ -506,7 +506,7 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
             assert_eq!(
                 selected_stages(&d["spec"]["selector"]["matchLabels"]),
                 [stage],
-                "{l}: the {stage} Deployment selects its own pods only"
+                "{l}: the {stage} StatefulSet selects its own pods only"
             );
             let pod = r.pod(stage);
             for v in items(&pod["volumes"]) {
@@ -607,11 +607,11 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
         for kind in ["HorizontalPodAutoscaler", "ScaledObject"] {
             for a in r.kind(kind) {
                 let target = &a["spec"]["scaleTargetRef"];
-                assert_eq!(text(&target["kind"]), "Deployment");
-                let d = r.get("Deployment", text(&target["name"]));
+                assert_eq!(text(&target["kind"]), "StatefulSet");
+                let d = r.get("StatefulSet", text(&target["name"]));
                 assert!(
                     d["spec"]["replicas"].is_null(),
-                    "{l}: {kind} scales {}, so the Deployment must not pin replicas (an upgrade would undo the scaling)",
+                    "{l}: {kind} scales {}, so the StatefulSet must not pin replicas (an upgrade would undo the scaling)",
                     text(&target["name"])
                 );
             }
@@ -654,18 +654,18 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
 }
 
 #[test]
-fn every_stage_is_its_own_deployment_of_one_image_with_probes_and_a_unique_instance() {
+fn every_stage_is_its_own_statefulset_of_one_image_with_probes_and_a_stable_unique_instance() {
     for r in [defaults(), all_on()] {
         let l = &r.label;
         assert_eq!(
-            r.kind("Deployment").len(),
+            r.kind("StatefulSet").len(),
             r.stages().len(),
-            "{l}: one Deployment per stage"
+            "{l}: one StatefulSet per stage"
         );
         assert_eq!(
             r.stages().contains(&EXPORT),
             l == "all-on",
-            "{l}: the export Deployment only when export.enabled"
+            "{l}: the export StatefulSet only when export.enabled"
         );
         let tmp = tempfile::tempdir().expect("tempdir");
         let settings = r.settings(tmp.path(), &[]);
@@ -706,6 +706,20 @@ fn every_stage_is_its_own_deployment_of_one_image_with_probes_and_a_unique_insta
                 text(&instance["valueFrom"]["fieldRef"]["fieldPath"]),
                 "metadata.name",
                 "{l}: {stage}: transactional ids must be unique per replica, so the instance is the pod name"
+            );
+            // A StatefulSet's pod name is `<set>-<ordinal>` and a replacement pod keeps it, so a
+            // replica's transactional ids survive its pod being replaced (zombie fencing).
+            let set = r.deployment(stage);
+            assert_eq!(text(&set["kind"]), "StatefulSet", "{l}: {stage}");
+            assert_eq!(
+                text(&set["spec"]["podManagementPolicy"]),
+                "Parallel",
+                "{l}: {stage}: replicas start and stop together, not one ordinal at a time"
+            );
+            assert_eq!(
+                text(&set["spec"]["serviceName"]),
+                format!("{RELEASE}-{stage}"),
+                "{l}: {stage}: its governing Service is the stage's own"
             );
 
             let metrics = items(&c["ports"])
@@ -797,7 +811,7 @@ fn fracture_toml_has_only_what_the_binary_knows_and_the_binary_loads_it() {
         for (name, check) in &checks {
             check(&settings).unwrap_or_else(|e| panic!("{l}: [{name}] is refused: {e}\n{toml}"));
         }
-        // Every FRACTURE__SECTION__KEY the Deployments set names a real key.
+        // Every FRACTURE__SECTION__KEY the StatefulSets set names a real key.
         for stage in r.stages() {
             for e in items(&r.container(stage)["env"]) {
                 let Some(var) = text(&e["name"]).strip_prefix("FRACTURE__") else {
@@ -1215,12 +1229,12 @@ fn a_typo_in_the_values_is_refused_not_ignored() {
     );
 }
 
-/// `export`: its own Deployment (`fracture serve export`) reads ingest's linkage tables from the
+/// `export`: its own StatefulSet (`fracture serve export`) reads ingest's linkage tables from the
 /// edge volume and keeps its ledger there, one replica replaced (not rolled) so one process holds
 /// the ledger; postprocess never sees the edge, and without `export.enabled` nothing exports.
 /// Settings that cannot work are refused by `helm`.
 #[test]
-fn the_export_runs_at_the_edge_volume_in_its_own_deployment_when_asked() {
+fn the_export_runs_at_the_edge_volume_in_its_own_statefulset_when_asked() {
     const EDGE: &str = "/var/lib/fracture/edge";
     let d = defaults();
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -1231,7 +1245,7 @@ fn the_export_runs_at_the_edge_volume_in_its_own_deployment_when_asked() {
     );
     assert!(
         !d.stages().contains(&EXPORT),
-        "defaults: no export Deployment"
+        "defaults: no export StatefulSet"
     );
     let export: fracture_export::ExportConfig = d
         .settings(tmp.path(), &[])
@@ -1290,9 +1304,12 @@ fn the_export_runs_at_the_edge_volume_in_its_own_deployment_when_asked() {
         assert!(!ours["persistentVolumeClaim"].is_null(), "{l}: persistent");
         r.assert_writable(EXPORT, &export.ledger, "the export ledger");
         let deployment = r.deployment(EXPORT);
+        // A StatefulSet replaces a pod by stopping it before starting the one with its name: one
+        // process holds the ledger at a time (a Deployment would need Recreate for that).
+        assert_eq!(text(&deployment["kind"]), "StatefulSet", "{l}");
         assert_eq!(
-            text(&deployment["spec"]["strategy"]["type"]),
-            "Recreate",
+            text(&deployment["spec"]["updateStrategy"]["type"]),
+            "RollingUpdate",
             "{l}: one process holds the ledger at a time"
         );
         assert_eq!(

@@ -82,7 +82,7 @@ app.kubernetes.io/part-of: fracture
 {{- define "fracture.spoolDir" -}}/var/lib/fracture/spool{{- end -}}
 {{- define "fracture.auditDir" -}}/var/lib/fracture/audit{{- end -}}
 
-{{/* Every Deployment's stage: the five, and the export to the PACS when enabled (a JSON list). */}}
+{{/* Every StatefulSet's stage: the five, and the export to the PACS when enabled (a JSON list). */}}
 {{- define "fracture.stages" -}}
 {{- $stages := list "ingest" "preprocess" "ensemble" "postprocess" "audit" -}}
 {{- if .Values.export.enabled -}}
@@ -191,7 +191,7 @@ Only keys the binary knows: every section struct says deny_unknown_fields.
 
 {{- define "fracture.toml" -}}
 # fracture.toml, written by the Helm chart from its values (`config` is merged over the rest).
-# Set per pod through the environment instead (the Deployments): ingest.linkage (one file per
+# Set per pod through the environment instead (the StatefulSets): ingest.linkage (one file per
 # pod), audit.database and audit.dashboard_token (from the Secret), model.manifest (over the
 # image's own default).
 {{- include "fracture.toml.table" (dict "table" (include "fracture.configDict" . | fromJson) "path" (list)) }}
