@@ -114,8 +114,9 @@ async fn run_arm(arm: &Arm, s: &Setup, work: &Path) -> Outcome {
     let port = free_port();
     let extra = format!(
         "[ingest.dicomweb]\nstow_listen = \"127.0.0.1:{port}\"\nstow_token_file = \"{}\"\n\
-         [lanes]\nlive_first = {}\n",
+         [lanes]\nenabled = {}\nlive_first = {}\n",
         s.token.display(),
+        arm.lane == "backscan",
         arm.live_first
     );
     let dir = work.join(arm.name.replace([' ', ','], "-"));

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pipeline::{self, Pipeline};
-use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Lane, OutRecord, Record, Topics};
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, OutRecord, Record, Topics};
 use fracture_shared::messages::{decode, DeadLetter, Finding};
 use fracture_shared::testkit;
 use rand::{Rng, SeedableRng};
@@ -180,7 +180,7 @@ fn kafka(brokers: &str) -> KafkaBus {
     })
 }
 
-/// Malformed, wrong-schema and oversized messages on every topic a stage consumes, both lanes.
+/// Malformed, wrong-schema and oversized messages on every topic a stage consumes.
 async fn poison(bus: &KafkaBus, topics: &Topics) -> Vec<(String, String)> {
     bus.create_topics(&topics.all(), 3).await.unwrap();
     let mut records = Vec::new();
@@ -193,11 +193,7 @@ async fn poison(bus: &KafkaBus, topics: &Topics) -> Vec<(String, String)> {
         "labels",
     ]
     .map(|t| topics.name(t));
-    let backscan = live
-        .iter()
-        .map(|t| topics.in_lane(t, Lane::Backscan))
-        .filter(|t| !live.contains(t));
-    for t in live.iter().cloned().chain(backscan) {
+    for t in &live {
         let short = t
             .strip_prefix(&format!("{}.", topics.prefix))
             .unwrap()

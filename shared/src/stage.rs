@@ -475,7 +475,7 @@ impl StageEnv {
             .filter(|t| !inputs.contains(t))
             .collect();
         let live = self.bus.consumer(group, inputs, instance).await?;
-        if backscan.is_empty() {
+        if backscan.is_empty() || !self.lanes.enabled {
             return Ok(live);
         }
         let lane = Lane::Backscan.as_str();

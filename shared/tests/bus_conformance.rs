@@ -497,7 +497,10 @@ async fn live_work_goes_ahead_of_a_backscan(bus: Arc<dyn Bus>, t: &Topics) {
         shutdown,
         instance: "lanes-0".into(),
         retry: RetryPolicy::default(),
-        lanes: LaneConfig::default(),
+        lanes: LaneConfig {
+            enabled: true,
+            live_first: true,
+        },
     };
     let recorder = Recorder {
         topics: t.clone(),

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fracture_shared::bus::{BusError, LanedProducer, Producer};
+use fracture_shared::bus::{BusError, Lane, LanedProducer, Producer};
 use fracture_shared::messages::{decode, DeadLetter, Deidentified};
 use fracture_shared::metrics::StageMetrics;
 use fracture_shared::stage::{Shutdown, StageEnv};
@@ -87,8 +87,14 @@ pub async fn run(env: &StageEnv, cfg: &IngestConfig, paths: &[PathBuf]) -> Resul
         .until(&env.shutdown)
         .run(|| env.bus.producer(&instance), |_| true)
         .await?;
+    // Without two lanes everything travels in the live one.
+    let lane = if env.lanes.enabled {
+        cfg.lane
+    } else {
+        Lane::Live
+    };
     let mut producer: Box<dyn Producer> =
-        Box::new(LanedProducer::new(producer, env.topics.clone(), cfg.lane));
+        Box::new(LanedProducer::new(producer, env.topics.clone(), lane));
     env.health.set_ready(true);
     env.metrics.ready_gauge.with_label_values(&[STAGE]).set(1);
     if !inputs.is_empty() {

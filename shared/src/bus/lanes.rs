@@ -36,10 +36,15 @@ impl Lane {
     }
 }
 
-/// `[lanes]`: how a consuming stage shares itself between the lanes.
+/// `[lanes]`: whether there are two lanes, and how a consuming stage shares itself between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LaneConfig {
+    /// Two lanes: what ingest reads itself travels in `ingest.lane`, and every stage consumes
+    /// both. Off by default for now: with it on, a chaos run that SIGKILLs a partition leader of
+    /// a three-node cluster twice left a stage's back-scan consumer out of its group for ten
+    /// minutes (not understood yet); with it off everything travels in the live lane, as before.
+    pub enabled: bool,
     /// Take live work whenever some is waiting, the back-scan only when none is (strict
     /// priority: a back-scan makes progress only between live radiographs). `false` alternates
     /// between the lanes batch by batch.
@@ -48,7 +53,10 @@ pub struct LaneConfig {
 
 impl Default for LaneConfig {
     fn default() -> Self {
-        Self { live_first: true }
+        Self {
+            enabled: false,
+            live_first: true,
+        }
     }
 }
 
@@ -326,14 +334,22 @@ mod tests {
     #[tokio::test]
     async fn live_first_drains_the_live_lane_before_any_backscan_batch() {
         use Lane::*;
-        let lanes = batch_lanes(LaneConfig { live_first: true }).await;
+        let lanes = batch_lanes(LaneConfig {
+            enabled: true,
+            live_first: true,
+        })
+        .await;
         assert_eq!(lanes, [Live, Live, Live, Backscan, Backscan, Backscan]);
     }
 
     #[tokio::test]
     async fn without_priority_the_lanes_take_turns() {
         use Lane::*;
-        let lanes = batch_lanes(LaneConfig { live_first: false }).await;
+        let lanes = batch_lanes(LaneConfig {
+            enabled: true,
+            live_first: false,
+        })
+        .await;
         assert_eq!(lanes, [Live, Backscan, Live, Backscan, Live, Backscan]);
     }
 
