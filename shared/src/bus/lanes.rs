@@ -41,9 +41,10 @@ impl Lane {
 #[serde(deny_unknown_fields, default)]
 pub struct LaneConfig {
     /// Two lanes: what ingest reads itself travels in `ingest.lane`, and every stage consumes
-    /// both. Off by default for now: with it on, a chaos run that SIGKILLs a partition leader of
-    /// a three-node cluster twice left a stage's back-scan consumer out of its group for ten
-    /// minutes (not understood yet); with it off everything travels in the live lane, as before.
+    /// both. Off by default for now: after a partition leader of a three-node cluster is
+    /// SIGKILLed, a stage's consumer has sat idle for up to ten minutes (seen with lanes on and
+    /// off; not understood yet), and the default stays the one-group path that is best known.
+    /// Off, everything travels in the live lane, as before.
     pub enabled: bool,
     /// Take live work whenever some is waiting, the back-scan only when none is (strict
     /// priority: a back-scan makes progress only between live radiographs). `false` alternates
