@@ -26,7 +26,6 @@ use fracture_shared::testkit;
 use pipeline::{Pipeline, RunConfig, Span};
 
 const TOKEN: &str = "lanes-bench-token-0123456789";
-const BOUNDARY: &str = "lanes-bench-boundary";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -40,39 +39,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-/// One STOW-RS request with one radiograph; the HTTP status.
-fn stow(port: u16, file: &Path, scratch: &Path) -> u16 {
-    let mut body = format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
-    body.extend_from_slice(&std::fs::read(file).unwrap());
-    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    std::fs::write(scratch, body).unwrap();
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-        .arg("--data-binary")
-        .arg(format!("@{}", scratch.display()))
-        .arg("-H")
-        .arg(format!(
-            "Content-Type: multipart/related; type=\"application/dicom\"; boundary={BOUNDARY}"
-        ))
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {TOKEN}"))
-        .arg(format!("http://127.0.0.1:{port}/studies"))
-        .output()
-        .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Arm {
@@ -111,7 +77,7 @@ async fn run_arm(arm: &Arm, s: &Setup, work: &Path) -> Outcome {
     let prefix = testkit::unique_prefix("lanes");
     let (otlp, spans) = pipeline::otlp_receiver().await;
     let manifest = pipeline::repo().join("models/null/ensemble.toml");
-    let port = free_port();
+    let port = pipeline::free_port();
     let extra = format!(
         "[ingest.dicomweb]\nstow_listen = \"127.0.0.1:{port}\"\nstow_token_file = \"{}\"\n\
          [lanes]\nenabled = {}\nlive_first = {}\n",
@@ -157,7 +123,7 @@ async fn run_arm(arm: &Arm, s: &Setup, work: &Path) -> Outcome {
     let scratch = dir.join("stow-body.bin");
     for f in &s.live {
         let next = Instant::now() + s.every;
-        let status = stow(port, f, &scratch);
+        let status = pipeline::stow(port, TOKEN, &[f.as_path()], &scratch);
         assert_eq!(status, 200, "STOW-RS of {}\n{}", f.display(), p.logs());
         tokio::time::sleep_until(next.into()).await;
     }

@@ -17,14 +17,6 @@ use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
 use fracture_shared::messages::{decode, Deidentified};
 use fracture_shared::testkit;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// cat.dcm under a new SOP Instance UID (the rest, identifiers included, unchanged).
 fn copy_of_cat(dst: &Path, sop: &str) {
     let mut o = dicom_object::open_file(common::fixtures().join("cat.dcm")).unwrap();
@@ -49,7 +41,7 @@ async fn no_identifier_leaves_the_edge_through_any_door() {
 
     let key = work.join("deid.key");
     std::fs::write(&key, [5u8; 32]).unwrap();
-    let (scp_port, stow_port) = (free_port(), free_port());
+    let (scp_port, stow_port) = (pipeline::free_port(), pipeline::free_port());
     let brokers = testkit::kafka_brokers();
     let prefix = testkit::unique_prefix("doors");
     let dir = work.join("edge");

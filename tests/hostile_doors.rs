@@ -20,16 +20,7 @@ use fracture_shared::testkit;
 
 const AE: &str = "FRACTURE";
 const TOKEN: &str = "hostile-doors-token-0123456789";
-const BOUNDARY: &str = "hostile-doors-boundary";
 const LIMIT_KIB: u64 = 1_000_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
@@ -114,31 +105,7 @@ fn dcmsend(port: u16, file: &Path) -> std::process::Output {
 
 /// POSTs `files` as one STOW-RS request with curl; the HTTP status.
 fn stow(port: u16, dir: &Path, files: &[&Path]) -> u16 {
-    let mut body = Vec::new();
-    for f in files {
-        body.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(&std::fs::read(f).unwrap());
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    let req = dir.join("stow-request.bin");
-    std::fs::write(&req, body).unwrap();
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-        .arg("--data-binary")
-        .arg(format!("@{}", req.display()))
-        .arg("-H")
-        .arg(format!(
-            "Content-Type: multipart/related; type=\"application/dicom\"; boundary={BOUNDARY}"
-        ))
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {TOKEN}"))
-        .arg(format!("http://127.0.0.1:{port}/studies"))
-        .output()
-        .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    pipeline::stow(port, TOKEN, files, &dir.join("stow-request.bin"))
 }
 
 async fn wait_for_port(port: u16, p: &Pipeline) {
@@ -211,7 +178,7 @@ async fn every_door_refuses_every_hostile_input_and_keeps_serving() {
         ..Default::default()
     });
     bus.create_topics(&topics.all(), 3).await.unwrap();
-    let (scp, http) = (free_port(), free_port());
+    let (scp, http) = (pipeline::free_port(), pipeline::free_port());
     let token = work.join("stow-token");
     std::fs::write(&token, TOKEN).unwrap();
     let key = work.join("deid.key");

@@ -14,20 +14,14 @@ pub struct Orthanc {
     http_port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 impl Orthanc {
     /// Reserves the ports (the script keeps them when they are still free at start).
     pub fn new(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let (http_port, mut dicom_port) = (free_port(), free_port());
+        let (http_port, mut dicom_port) =
+            (super::pipeline::free_port(), super::pipeline::free_port());
         while dicom_port == http_port {
-            dicom_port = free_port();
+            dicom_port = super::pipeline::free_port();
         }
         std::fs::write(dir.join("http-port"), format!("{http_port}\n")).unwrap();
         std::fs::write(dir.join("dicom-port"), format!("{dicom_port}\n")).unwrap();

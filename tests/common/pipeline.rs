@@ -495,3 +495,44 @@ pub async fn linkage(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
         .map(|(input, source)| (input, PathBuf::from(source)))
         .collect()
 }
+
+/// A loopback port free now (for a door or a peer to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// POSTs `files` as one STOW-RS request (bearer `token`) to the door on `port` with curl, the
+/// body written to `scratch` first; the HTTP status (0 if curl got none).
+pub fn stow(port: u16, token: &str, files: &[&Path], scratch: &Path) -> u16 {
+    const BOUNDARY: &str = "fracture-test-boundary";
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(&std::fs::read(f).unwrap());
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    std::fs::write(scratch, body).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg("--data-binary")
+        .arg(format!("@{}", scratch.display()))
+        .arg("-H")
+        .arg(format!(
+            "Content-Type: multipart/related; type=\"application/dicom\"; boundary={BOUNDARY}"
+        ))
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("http://127.0.0.1:{port}/studies"))
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}

@@ -64,24 +64,30 @@ impl Default for LaneConfig {
 /// The suffix of a back-scan lane's topic.
 const BACKSCAN: &str = ".backscan";
 
+/// The topic names (without prefix) that carry one radiograph from ingest to its finding, and so
+/// have two lanes. Dead letters, labels, alerts and study summaries have one.
+const LANED: [&str; 4] = {
+    use crate::messages::*;
+    [
+        Deidentified::TOPIC,
+        Preprocessed::TOPIC,
+        Scored::TOPIC,
+        Finding::TOPIC,
+    ]
+};
+
 impl Topics {
-    /// The topics that carry one radiograph from ingest to its finding, and so have two lanes.
-    /// Dead letters, labels, alerts and study summaries have one.
+    /// The live lane's names of the laned topics.
     pub fn laned(&self) -> Vec<String> {
-        use crate::messages::*;
-        [
-            Deidentified::TOPIC,
-            Preprocessed::TOPIC,
-            Scored::TOPIC,
-            Finding::TOPIC,
-        ]
-        .iter()
-        .map(|t| self.name(t))
-        .collect()
+        LANED.iter().map(|t| self.name(t)).collect()
     }
 
+    /// Whether `live` is one of this deployment's laned topics; no allocation, since every
+    /// output record of every stage asks.
     fn has_lanes(&self, live: &str) -> bool {
-        self.laned().iter().any(|t| t == live)
+        live.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|name| LANED.contains(&name))
     }
 
     /// `topic` in `lane`: a laned topic's name in that lane, any other topic as it is.
