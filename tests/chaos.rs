@@ -400,7 +400,9 @@ async fn broker_restart(signal: &str) {
     assert_eq!(again, brokers, "the broker came back on its address");
 
     let want = inputs.good.len() + inputs.bad.len();
-    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(300)).await;
+    // The post-failover stall of `cluster_run` shows here too (24 of 42 outstanding after 300 s
+    // in one CI run): wait it out; what is asserted is exactly once.
+    let out = pipeline::committed_outputs(&bus, &topics, want, Duration::from_secs(900)).await;
     for s in pipeline::STAGES {
         assert!(
             p.is_running(s),
