@@ -7,8 +7,12 @@
 
 ARG RUST_VERSION=1
 ARG DEBIAN_RELEASE=bookworm
+# `s3`: the claim-check store on S3-compatible storage, which a multi-node cluster needs (a shared
+# folder works too); an empty value builds the leaner binary without it.
+ARG FEATURES=s3
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
+ARG FEATURES
 # The bundled librdkafka and SQLite build with what the image has: gcc, make, perl, zlib.
 WORKDIR /src
 COPY . .
@@ -16,7 +20,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     set -eux; \
-    cargo build --release --locked --bin fracture; \
+    cargo build --release --locked --bin fracture --features "${FEATURES}"; \
     install -D -m 0755 target/release/fracture /out/usr/local/bin/fracture; \
     mkdir -p /out/usr/share/fracture/models; \
     cp -r models/demo models/untrained models/null /out/usr/share/fracture/models/

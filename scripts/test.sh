@@ -15,6 +15,7 @@ bash scripts/pyenv.sh >/dev/null
 bash scripts/chromium.sh >/dev/null
 bash scripts/orthanc.sh install >/dev/null  # the PACS of services/ingest/tests/dicomweb.rs
 FRACTURE_HELM="$(bash scripts/helm.sh | tail -n 1)"; export FRACTURE_HELM  # tests/helm_chart.rs
+bash scripts/seaweedfs.sh install >/dev/null  # the S3 server of tests/store_s3.rs
 
 broker_dir=""
 if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then
@@ -25,4 +26,5 @@ if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then
   echo "test broker at $FRACTURE_TEST_KAFKA" >&2
 fi
 
-cargo test --workspace --locked "$@"
+# With the S3 claim-check store, as the container image is built.
+cargo test --workspace --locked --features s3 "$@"

@@ -62,8 +62,8 @@ pub async fn run(
     let kafka = &cfg.kafka;
     let topics = Topics::new(&kafka.topic_prefix);
     let bus: Arc<dyn Bus> = Arc::new(KafkaBus::new(kafka.clone()));
-    let store = BlobStore::open(&cfg.store)?;
     let metrics = StageMetrics::new();
+    let store = BlobStore::open(&cfg.store)?.counted(metrics.store_bytes.clone());
     let health = Health::default();
     if !tcfg.metrics_addr.is_empty() {
         let addr = metrics::serve(&tcfg.metrics_addr, metrics.clone(), health.clone())

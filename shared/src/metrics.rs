@@ -30,6 +30,10 @@ pub struct StageMetrics {
     /// `fracture_consumer_lag{stage}`: records on this replica's assigned partitions not yet
     /// consumed (librdkafka's statistics, every few seconds); what autoscaling should follow.
     pub consumer_lag: IntGaugeVec,
+    /// `fracture_store_bytes_total{op}`: claim-check bytes this process wrote (`put`; a put of
+    /// content already there writes nothing) and read (`get`): the store's share of a capacity
+    /// plan.
+    pub store_bytes: IntCounterVec,
 }
 
 impl Default for StageMetrics {
@@ -94,7 +98,15 @@ impl StageMetrics {
         registry
             .register(Box::new(consumer_lag.clone()))
             .expect("unique metric");
-        for c in [&processed, &dead_lettered, &retries] {
+        let store_bytes = IntCounterVec::new(
+            Opts::new(
+                "fracture_store_bytes_total",
+                "Bytes written to (put) and read from (get) the claim-check store",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        for c in [&processed, &dead_lettered, &retries, &store_bytes] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -117,6 +129,7 @@ impl StageMetrics {
             retries,
             ready_gauge,
             consumer_lag,
+            store_bytes,
         }
     }
 
