@@ -49,6 +49,13 @@
 #   scripts/kafka.sh cluster-status DIR
 #       One line per node, "I up|down PID|- 127.0.0.1:PORT"; exits 0 only when all are up.
 #   scripts/kafka.sh node-kill DIR I      SIGKILL node I (returns once it is gone).
+#   scripts/kafka.sh node-disk-fail DIR I [--timeout S]
+#       Node I's disk stops taking writes: RLIMIT_FSIZE 0 on its JVM (prlimit), so every write
+#       that would grow a file fails with EFBIG, as on a full or failed disk (root ignores file
+#       permissions, and a sandbox cannot mount a disk to pull). Kafka takes a log dir whose
+#       writes fail offline, and with its only log dir (the metadata log's too) gone the node
+#       halts; returns once it has exited (default patience 120 s), printing the seconds it took.
+#       node-start brings it back on the same data, as after the disk is freed or replaced.
 #   scripts/kafka.sh node-stop DIR I      SIGTERM node I (controlled shutdown), SIGKILL after 30 s.
 #   scripts/kafka.sh node-start DIR I
 #       Restart node I on its ports and data; prints its address once it has started (it may
@@ -1057,6 +1064,30 @@ cmd_node_kill() {
   log "killed node $2 (pid $pid)"
 }
 
+cmd_node_disk_fail() {
+  local dir nd pid i timeout=120
+  dir="$(cluster_dir "$1")"
+  check_index "$dir" "$2"
+  if [[ "${3:-}" == --timeout ]]; then
+    [[ "${4:-}" =~ ^[0-9]+$ ]] || die "--timeout needs seconds"
+    timeout="$4"
+  fi
+  command -v prlimit >/dev/null 2>&1 || die "prlimit (util-linux) is needed to fail a disk"
+  nd="$(node_dir "$dir" "$2")"
+  pid="$(broker_pid "$nd")"
+  [[ -n "$pid" ]] || die "node $2 of $dir is not running"
+  local t0=$SECONDS
+  prlimit --pid "$pid" --fsize=0 || die "prlimit --pid $pid --fsize=0 failed"
+  for ((i = 0; i < timeout * 10; i++)); do
+    alive "$pid" || break
+    sleep 0.1
+  done
+  alive "$pid" && die "node $2 (pid $pid) still runs ${timeout} s after its disk failed"
+  rm -f "$nd/kafka.pid"
+  log "node $2 (pid $pid) halted $((SECONDS - t0)) s after its disk stopped taking writes"
+  echo "$((SECONDS - t0))"
+}
+
 cmd_node_stop() {
   local dir nd pid
   dir="$(cluster_dir "$1")"
@@ -1216,6 +1247,7 @@ main() {
     node-start) (($# == 2)) || usage; cmd_node_start "$1" "$2" ;;
     node-stop) (($# == 2)) || usage; cmd_node_stop "$1" "$2" ;;
     node-kill) (($# == 2)) || usage; cmd_node_kill "$1" "$2" ;;
+    node-disk-fail) (($# == 2 || $# == 4)) || usage; cmd_node_disk_fail "$@" ;;
     node-pid) (($# == 2)) || usage; cmd_node_pid "$1" "$2" ;;
     in-sync) cmd_in_sync "$@" ;;
     leader) (($# == 3)) || usage; cmd_leader "$1" "$2" "$3" ;;

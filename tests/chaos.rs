@@ -827,3 +827,27 @@ async fn a_rolling_restart_of_the_cluster_loses_and_duplicates_nothing() {
     })
     .await;
 }
+
+/// The disk of the node leading partition 0 of the ensemble's input stops taking writes mid-run
+/// (`kafka.sh node-disk-fail`: every write that would grow a file fails, as on a full disk).
+/// Kafka halts a node whose only log dir fails; its partitions move to the other two. After a
+/// while the disk is back (the node restarts on the data it had, recovering whatever it was
+/// writing when the disk failed) and catches up; nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_whose_disk_fails_mid_run_loses_and_duplicates_nothing() {
+    cluster_run("diskfail", |cluster, topics| {
+        let topic = topics.name("preprocessed");
+        let leader = cluster.run(&["leader", &topic, "0"]);
+        let halted = cluster.run(&["node-disk-fail", &leader]);
+        eprintln!("node {leader}'s disk failed; it halted within {halted} s");
+        std::thread::sleep(Duration::from_secs(20));
+        cluster.run(&["node-start", &leader]);
+        let started = Instant::now();
+        cluster.run(&["in-sync", "--timeout", "300"]);
+        eprintln!(
+            "node {leader} back and every partition in sync {:.1} s after its restart",
+            started.elapsed().as_secs_f64()
+        );
+    })
+    .await;
+}
