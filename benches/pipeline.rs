@@ -3,8 +3,14 @@
 //! to end and per stage, and each stage's added latency (p50/p99), from the spans the stages
 //! export over OTLP. A measurement, not a test: `scripts/load.sh` runs it.
 //!
-//! Settings (environment): FRACTURE_LOAD_INPUTS (default 500), FRACTURE_TEST_KAFKA (a broker;
-//! otherwise one is started as the tests do).
+//! Also each stage's cost per radiograph, the inputs of the capacity plan (docs/capacity.md):
+//! CPU seconds (from /proc), claim-check bytes written and read (`fracture_store_bytes_total`)
+//! and the bytes it publishes to the bus (its committed records, key, headers and payload).
+//!
+//! Settings (environment): FRACTURE_LOAD_INPUTS (default 500), FRACTURE_LOAD_SIDES (phantom
+//! sides in pixels, default 256-320), FRACTURE_LOAD_MODEL (`null`, default, or `demo`),
+//! FRACTURE_LOAD_INPUT_SIZE (the null model's network input side, default 1024 as the paper's),
+//! FRACTURE_TEST_KAFKA (a broker; otherwise one is started as the tests do).
 
 #[path = "../tests/common/pipeline.rs"]
 #[allow(dead_code)]
@@ -13,7 +19,8 @@ mod pipeline;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use fracture_shared::bus::{KafkaBus, KafkaConfig, Topics};
+use fracture_shared::bus::{Bus, KafkaBus, KafkaConfig, Topics};
+use fracture_shared::messages::{Deidentified, Finding, Preprocessed, Scored};
 use fracture_shared::testkit;
 use pipeline::{Pipeline, RunConfig, Span};
 
@@ -50,11 +57,17 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500);
+    let sides = std::env::var("FRACTURE_LOAD_SIDES").unwrap_or_else(|_| "256-320".into());
+    let sides: (u32, u32) = sides
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .expect("FRACTURE_LOAD_SIDES is MIN-MAX, e.g. 256-320");
+    let model = std::env::var("FRACTURE_LOAD_MODEL").unwrap_or_else(|_| "null".into());
     let keep = tempfile::tempdir().unwrap();
     let work = keep.path();
     let inputs = work.join("inputs");
     let t = Instant::now();
-    let files = pipeline::phantoms(&inputs, n, 5);
+    let files = pipeline::phantoms_sized(&inputs, n, 5, sides);
     let bytes: u64 = files
         .iter()
         .map(|f| std::fs::metadata(f).unwrap().len())
@@ -69,7 +82,28 @@ async fn main() {
     let brokers = testkit::kafka_brokers();
     let prefix = testkit::unique_prefix("load");
     let (otlp, spans) = pipeline::otlp_receiver().await;
-    let manifest = pipeline::repo().join("models/null/ensemble.toml");
+    let manifest = match model.as_str() {
+        // The null model at the paper's input size unless told otherwise: its cost is the
+        // pipeline's own, at the tensor sizes a real ensemble gets.
+        "null" => {
+            let side = std::env::var("FRACTURE_LOAD_INPUT_SIZE").unwrap_or_else(|_| "1024".into());
+            let text = std::fs::read_to_string(pipeline::repo().join("models/null/ensemble.toml"))
+                .unwrap();
+            let path = work.join("null-ensemble.toml");
+            std::fs::write(
+                &path,
+                text.replace("input_size = 256", &format!("input_size = {side}")),
+            )
+            .unwrap();
+            path
+        }
+        other => pipeline::repo().join(format!("models/{other}/ensemble.toml")),
+    };
+    let input_size = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("input_size = ").map(str::to_string))
+        .unwrap_or_default();
     let dir = work.join("run");
     // FRACTURE_LOAD_DICOM_OUTPUTS=0: no SR and Secondary Capture per radiograph, the bare
     // metadata and claim-check traffic.
@@ -96,6 +130,10 @@ async fn main() {
         p.start(s);
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
+    let cpu_before: BTreeMap<&str, f64> = ["audit", "postprocess", "ensemble", "preprocess"]
+        .into_iter()
+        .map(|s| (s, p.cpu_seconds(s)))
+        .collect();
     p.start("ingest");
     let bus = KafkaBus::new(KafkaConfig {
         brokers: brokers.clone(),
@@ -103,9 +141,43 @@ async fn main() {
     });
     let out =
         pipeline::committed_outputs(&bus, &Topics::new(&prefix), n, Duration::from_secs(900)).await;
+    assert_eq!(out.len(), n, "every phantom gave one output\n{}", p.logs());
+    // Costs before the stop: CPU since the consumers joined (ingest's whole life), the store's
+    // counters, and what each stage published.
+    let topics = Topics::new(&prefix);
+    let published = [
+        topics.of::<Deidentified>(),
+        topics.of::<Preprocessed>(),
+        topics.of::<Scored>(),
+        topics.of::<Finding>(),
+    ];
+    let mut costs = Vec::new();
+    for (i, stage) in pipeline::STAGES.iter().enumerate() {
+        let cpu = p.cpu_seconds(stage) - cpu_before.get(stage).copied().unwrap_or(0.0);
+        let m = p.metrics(stage);
+        let put = pipeline::sample(&m, "fracture_store_bytes_total", "op=\"put\"");
+        let get = pipeline::sample(&m, "fracture_store_bytes_total", "op=\"get\"");
+        let bus_bytes: usize = match published.get(i) {
+            Some(t) => bus
+                .read_committed(std::slice::from_ref(t))
+                .await
+                .expect("read what the stage published")
+                .iter()
+                .map(|r| {
+                    r.payload.len()
+                        + r.key.as_ref().map_or(0, String::len)
+                        + r.headers
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len())
+                            .sum::<usize>()
+                })
+                .sum(),
+            None => 0,
+        };
+        costs.push((*stage, cpu, put, get, bus_bytes));
+    }
     let failures = p.stop();
     assert!(failures.is_empty(), "{failures:?}\n{}", p.logs());
-    assert_eq!(out.len(), n, "every phantom gave one output\n{}", p.logs());
     // The stages export on exit; give the receiver a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let spans: Vec<Span> = spans.lock().unwrap().clone();
@@ -122,7 +194,7 @@ async fn main() {
     let first = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     let last = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     let wall = (last - first) as f64 / 1e9;
-    println!("\nPipeline ceiling, null model, {n} phantoms 256-320 px ({:.1} MB), 2 cores, one process per stage, 3 partitions, SR+SC outputs {dicom_outputs}", bytes as f64 / 1e6);
+    println!("\nPipeline ceiling, {model} model at {input_size} px, {n} phantoms {}-{} px ({:.1} MB), 2 cores, one process per stage, 3 partitions, SR+SC outputs {dicom_outputs}", sides.0, sides.1, bytes as f64 / 1e6);
     println!(
         "end to end: {:.1} radiographs/s ({n} in {wall:.2} s, first ingest span to last audit span)",
         n as f64 / wall
@@ -181,5 +253,29 @@ async fn main() {
         percentile(&e2e, 0.5),
         percentile(&e2e, 0.99),
         e2e.len()
+    );
+    println!(
+        "\nCost per radiograph ({} build): CPU seconds, claim-check KB written and read, KB published to the bus",
+        if cfg!(debug_assertions) { "dev" } else { "release" }
+    );
+    println!("\n| stage | CPU ms | store written KB | store read KB | bus KB published |");
+    println!("|---|---|---|---|---|");
+    let per = |v: f64| v / n as f64;
+    for (stage, cpu, put, get, bus_bytes) in &costs {
+        println!(
+            "| {stage} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            per(*cpu) * 1e3,
+            per(*put) / 1e3,
+            per(*get) / 1e3,
+            per(*bus_bytes as f64) / 1e3
+        );
+    }
+    let total_cpu: f64 = costs.iter().map(|c| c.1).sum();
+    println!(
+        "| all | {:.1} | {:.1} | {:.1} | {:.2} |",
+        per(total_cpu) * 1e3,
+        per(costs.iter().map(|c| c.2).sum()) / 1e3,
+        per(costs.iter().map(|c| c.3).sum()) / 1e3,
+        per(costs.iter().map(|c| c.4 as f64).sum()) / 1e3
     );
 }

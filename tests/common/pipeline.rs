@@ -249,6 +249,18 @@ impl Pipeline {
             .expect("VmHWM in /proc/PID/status")
     }
 
+    /// CPU time (user + system) `stage`'s process has used so far, in seconds.
+    pub fn cpu_seconds(&self, stage: &str) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.procs[stage].id())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces: utime
+        // and stime are the 12th and 13th (proc(5) numbers them 14 and 15).
+        let rest = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        ticks as f64 / clock_ticks_per_second()
+    }
+
     pub fn is_running(&mut self, stage: &str) -> bool {
         self.procs
             .get_mut(stage)
@@ -456,9 +468,24 @@ pub async fn committed_outputs(
         .expect("read the outputs once more")
 }
 
+/// `getconf CLK_TCK`: the unit of /proc's CPU times (100 on every Linux this runs on).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// `n` small synthetic phantoms (256 to 320 pixels a side) in `dir`, by the real
 /// `fracture phantoms`.
 pub fn phantoms(dir: &Path, n: usize, seed: u64) -> Vec<PathBuf> {
+    phantoms_sized(dir, n, seed, (256, 320))
+}
+
+/// [`phantoms`] with `sides.0` to `sides.1` pixels a side.
+pub fn phantoms_sized(dir: &Path, n: usize, seed: u64, sides: (u32, u32)) -> Vec<PathBuf> {
     let out = Command::new(BIN)
         .args([
             "phantoms",
@@ -467,7 +494,8 @@ pub fn phantoms(dir: &Path, n: usize, seed: u64) -> Vec<PathBuf> {
             "--seed",
             &seed.to_string(),
         ])
-        .args(["--min-side", "256", "--max-side", "320", "--out"])
+        .args(["--min-side", &sides.0.to_string()])
+        .args(["--max-side", &sides.1.to_string(), "--out"])
         .arg(dir)
         .output()
         .expect("run fracture phantoms");
