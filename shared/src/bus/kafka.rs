@@ -231,7 +231,7 @@ fn produce_all(
 
 /// Runs one transaction: produce, optionally send offsets, commit; aborts on an abortable error.
 fn transact(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &Arc<ThreadedProducer<DefaultProducerContext>>,
     outputs: &[OutRecord],
     offsets: Option<(&TopicPartitionList, &BaseConsumer<GenerationContext>)>,
     timeout: Duration,
@@ -247,9 +247,7 @@ fn transact(
             // given up after a few tries and the transaction aborted and redone: after a broker
             // restart librdkafka's transaction manager was seen to time out every retry of this
             // call for good (a postprocess stuck for minutes in a chaos run).
-            retrying("send_offsets_to_transaction", Some(2), || {
-                producer.send_offsets_to_transaction(tpl, &meta, timeout)
-            })?;
+            send_offsets_bounded(producer, tpl.clone(), meta, timeout)?;
         }
         // A commit that timed out may still land (the broker may have it): it must be retried
         // until it answers, never aborted and re-sent, or the batch would be published twice.
@@ -270,6 +268,46 @@ fn transact(
             .map_err(|a| BusError::Fatal(format!("{e}; abort also failed: {a}")))?;
             Err(BusError::Aborted(e.to_string()))
         }
+    }
+}
+
+/// `send_offsets_to_transaction` (tried twice), given up as fatal when it has not returned well
+/// after its timeouts. librdkafka (up to 2.14 at least, issues 5456 and 5511) ignores this
+/// call's timeout when the consumer group's coordinator is gone: it waits for a broker state
+/// change that may not come for many minutes, and meanwhile the stage neither commits nor polls.
+/// Seen in the cluster chaos runs (gdb: the audit's commit parked in rd_kafka_txn_op_req0 with
+/// no deadline, ten minutes after the coordinator's node was killed). Fatal makes the stage start
+/// over with new clients: the new producer's init_transactions fences the stuck one, the open
+/// transaction is aborted, and the batch comes again from the committed offsets. The stuck call
+/// keeps its thread and client until librdkafka lets go of it.
+fn send_offsets_bounded(
+    producer: &Arc<ThreadedProducer<DefaultProducerContext>>,
+    tpl: TopicPartitionList,
+    meta: rdkafka::consumer::ConsumerGroupMetadata,
+    timeout: Duration,
+) -> Result<(), BusError> {
+    const ATTEMPTS: u32 = 2;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = producer.clone();
+    std::thread::Builder::new()
+        .name("send-offsets".into())
+        .spawn(move || {
+            let r = retrying("send_offsets_to_transaction", Some(ATTEMPTS), || {
+                p.send_offsets_to_transaction(&tpl, &meta, timeout)
+            });
+            let _ = tx.send(r);
+        })
+        .map_err(|e| BusError::Fatal(format!("cannot start a thread: {e}")))?;
+    // Each attempt may take its timeout, plus the backoff between them, plus slack.
+    let patience = timeout * ATTEMPTS + Duration::from_secs(10);
+    match rx.recv_timeout(patience) {
+        Ok(r) => r,
+        Err(_) => Err(BusError::Fatal(format!(
+            "send_offsets_to_transaction did not return in {} s (librdkafka loses its group \
+             coordinator after a broker failure and ignores the timeout): starting over with \
+             new clients",
+            patience.as_secs()
+        ))),
     }
 }
 
