@@ -345,7 +345,11 @@ fn toml_sections(toml: &str) -> BTreeSet<String> {
 /// registering sources (non-test code only).
 fn registered_metrics() -> BTreeMap<String, bool> {
     let mut out = BTreeMap::new();
-    for path in ["shared/src/metrics.rs", "services/audit/src/lib.rs"] {
+    for path in [
+        "shared/src/metrics.rs",
+        "services/audit/src/lib.rs",
+        "services/export/src/lib.rs",
+    ] {
         let code = source(path);
         let code = code.split("#[cfg(test)]").next().unwrap_or("");
         for (i, _) in code.match_indices("\"fracture_") {
@@ -445,6 +449,7 @@ fn manifests_use_current_api_versions_and_reference_what_exists() {
         ("Ingress", "networking.k8s.io/v1"),
         ("ScaledObject", "keda.sh/v1alpha1"),
         ("ServiceMonitor", "monitoring.coreos.com/v1"),
+        ("PrometheusRule", "monitoring.coreos.com/v1"),
     ]
     .into();
     let variants = [
@@ -1150,6 +1155,53 @@ fn every_stage_has_a_disruption_budget() {
     }
 }
 
+/// The PrometheusRule carries rules/alerts.yaml as it is, only with every option on, and its
+/// expressions name only metrics the stages register (a renamed metric would silence an alert).
+#[test]
+fn alert_rules_ship_as_a_prometheus_rule_naming_only_real_metrics() {
+    assert!(defaults().kind("PrometheusRule").is_empty());
+    let a = all_on();
+    let rules = a.kind("PrometheusRule");
+    assert_eq!(rules.len(), 1, "one PrometheusRule with every option on");
+    let rule = rules[0];
+    assert_eq!(
+        text(&rule["metadata"]["labels"]["release"]),
+        "kube-prometheus-stack"
+    );
+    let file: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("rules/alerts.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        rule["spec"], file,
+        "the PrometheusRule's spec is rules/alerts.yaml"
+    );
+    let known = registered_metrics();
+    let mut alerts = BTreeSet::new();
+    for group in items(&rule["spec"]["groups"]) {
+        for r in items(&group["rules"]) {
+            let expr = text(&r["expr"]);
+            let names = metric_names_in(expr);
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                assert!(
+                    known.contains_key(&name),
+                    "alert {} uses {name}, which no stage registers: {expr}",
+                    text(&r["alert"])
+                );
+            }
+            alerts.insert(text(&r["alert"]).to_string());
+        }
+    }
+    for want in [
+        "FractureSensitivityDrift",
+        "FractureConsumerLagGrowing",
+        "FractureDeadLetterRate",
+        "FractureExportFailing",
+    ] {
+        assert!(alerts.contains(want), "{want} missing: {alerts:?}");
+    }
+}
+
 #[test]
 fn grafana_dashboard_uses_only_metrics_the_stages_export() {
     assert!(
@@ -1497,8 +1549,8 @@ fn venv_bin(name: &str) -> PathBuf {
 /// Every rendered manifest, with the default values and with every option on, validates strictly
 /// (no unknown field, every required one) against the OpenAPI schemas of each Kubernetes version
 /// the chart claims that kubernetes-validate has (1.25 to 1.34). The custom resources (KEDA's
-/// ScaledObject, the Prometheus Operator's ServiceMonitor) have no schema there and are the only
-/// kinds allowed to go unchecked.
+/// ScaledObject, the Prometheus Operator's ServiceMonitor and PrometheusRule) have no schema there
+/// and are the only kinds allowed to go unchecked.
 #[test]
 fn manifests_validate_against_the_kubernetes_openapi_schemas() {
     let validate = venv_bin("kubernetes-validate");
@@ -1537,7 +1589,8 @@ fn manifests_validate_against_the_kubernetes_openapi_schemas() {
             for line in said.lines().filter(|l| !l.trim().is_empty()) {
                 assert!(
                     line.contains("Couldn't find schema for kind ScaledObject")
-                        || line.contains("Couldn't find schema for kind ServiceMonitor"),
+                        || line.contains("Couldn't find schema for kind ServiceMonitor")
+                        || line.contains("Couldn't find schema for kind PrometheusRule"),
                     "{label} on Kubernetes {version}: {line}"
                 );
             }

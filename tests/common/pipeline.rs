@@ -305,17 +305,23 @@ impl Pipeline {
         std::fs::read_to_string(self.dir.join(format!("{stage}.log"))).unwrap_or_default()
     }
 
-    /// What `stage`'s `/metrics` answers now (its address is in its log: the latest start's).
-    pub fn metrics(&self, stage: &str) -> String {
+    /// The `host:port` of `stage`'s `/metrics` (in its log: the latest start's), once it has
+    /// logged it.
+    pub fn metrics_addr(&self, stage: &str) -> Option<String> {
         let log = plain(&self.log(stage));
-        let addr = log
-            .lines()
+        log.lines()
             .rev()
             .find(|l| l.contains("metrics and health endpoint"))
             .and_then(|l| l.split("addr=").nth(1))
             .and_then(|a| a.split_whitespace().next())
-            .unwrap_or_else(|| panic!("{stage} logged no metrics address"))
-            .to_string();
+            .map(str::to_string)
+    }
+
+    /// What `stage`'s `/metrics` answers now.
+    pub fn metrics(&self, stage: &str) -> String {
+        let addr = self
+            .metrics_addr(stage)
+            .unwrap_or_else(|| panic!("{stage} logged no metrics address"));
         let out = Command::new("curl")
             .args(["-sS", "-f", "--max-time", "10"])
             .arg(format!("http://{addr}/metrics"))
