@@ -195,7 +195,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let instance = instance
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| "0".into());
-            runtime.block_on(serve::run(&config, stage, &paths, &instance))
+            let result = runtime.block_on(serve::run(&config, stage, &paths, &instance));
+            // A Kafka call librdkafka never returns from (a commit abandoned at shutdown) holds
+            // a blocking thread: do not wait for it forever on the way out.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            result
         }
         Command::Topics => runtime.block_on(serve::create_topics(&config)),
         Command::Deid { profile: true, .. } => {

@@ -95,6 +95,19 @@ impl Shutdown {
     }
 }
 
+/// How long closing the bus clients (leaving the group, flushing) may take.
+const CLOSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a commit in flight may still take once the process is told to stop.
+const COMMIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves `grace` after `shutdown` is set.
+async fn stopped_then(shutdown: &Shutdown, grace: Duration) {
+    let mut s = shutdown.clone();
+    s.wait().await;
+    tokio::time::sleep(grace).await;
+}
+
 pub struct StageRunner {
     pub stage: &'static str,
     pub topics: Topics,
@@ -242,7 +255,18 @@ impl StageRunner {
                     }
                 }
             }
-            let committed = io.commit(outputs).await;
+            // A commit the broker does not answer must not hold a stopping process past its
+            // grace period: once told to stop, it gets a few seconds, then is left in flight
+            // (the broker aborts the transaction; the batch comes again from the committed
+            // offsets to whoever owns the partitions next).
+            let committed = tokio::select! {
+                r = io.commit(outputs) => r,
+                _ = stopped_then(&shutdown, COMMIT_GRACE) => {
+                    tracing::warn!(stage = self.stage, grace_ms = COMMIT_GRACE.as_millis() as u64, "stopping with a commit the broker has not answered; the batch will be processed again");
+                    settle(&mut breaker, &units, false).await;
+                    break;
+                }
+            };
             settle(&mut breaker, &units, committed.is_ok()).await;
             match committed {
                 Ok(()) => {
@@ -544,8 +568,16 @@ impl StageEnv {
                 .await;
             self.health.set_ready(false);
             self.metrics.ready_gauge.with_label_values(&[stage]).set(0);
-            if let Err(e) = io.close().await {
-                tracing::warn!(stage, error = %e, "leaving the group");
+            // Bounded: a client stuck on a broker that went away must not keep the process
+            // from exiting (the group notices the member gone after its session timeout).
+            match tokio::time::timeout(CLOSE_LIMIT, io.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(stage, error = %e, "leaving the group"),
+                Err(_) => tracing::warn!(
+                    stage,
+                    limit_ms = CLOSE_LIMIT.as_millis() as u64,
+                    "leaving the group did not finish in time; going on without"
+                ),
             }
             match result {
                 // A dead consumer or producer (fenced, or broken by a broker restart): its
@@ -593,4 +625,101 @@ pub fn bytes_to_f32(b: &[u8]) -> Result<Vec<f32>, StageError> {
     Ok(b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One record to hand out, then nothing; a commit the broker never answers.
+    struct Unanswered {
+        record: Option<Record>,
+        committing: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    #[async_trait]
+    impl StageIo for Unanswered {
+        async fn poll_batch(
+            &mut self,
+            _max: usize,
+            _linger: Duration,
+            idle: Duration,
+        ) -> Result<Vec<Record>, BusError> {
+            match self.record.take() {
+                Some(r) => Ok(vec![r]),
+                None => {
+                    tokio::time::sleep(idle).await;
+                    Ok(Vec::new())
+                }
+            }
+        }
+        async fn commit(&mut self, _outputs: Vec<OutRecord>) -> Result<(), BusError> {
+            if let Some(tx) = self.committing.take() {
+                let _ = tx.send(());
+            }
+            std::future::pending().await
+        }
+        async fn rewind(&mut self) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn close(self: Box<Self>) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    struct Echo;
+
+    #[async_trait]
+    impl Handler for Echo {
+        async fn handle(&self, batch: &[Record]) -> Vec<Result<Vec<Output>, StageError>> {
+            batch.iter().map(|_| Ok(Vec::new())).collect()
+        }
+    }
+
+    /// A stop during a commit librdkafka never returns from (it happens after a broker dies)
+    /// ends the stage after the grace period instead of holding the process.
+    #[tokio::test]
+    async fn a_stop_does_not_wait_forever_for_an_unanswered_commit() {
+        let (tx, committing) = tokio::sync::oneshot::channel();
+        let mut io = Unanswered {
+            record: Some(Record {
+                topic: "t.in".into(),
+                partition: 0,
+                offset: 0,
+                key: Some("k".into()),
+                payload: b"{}".to_vec(),
+                headers: Vec::new(),
+            }),
+            committing: Some(tx),
+        };
+        let runner = StageRunner {
+            stage: "stuck",
+            topics: Topics::new("t"),
+            metrics: StageMetrics::new(),
+            retry: RetryPolicy::default(),
+            batch: BatchConfig {
+                max: 1,
+                linger_ms: 1,
+            },
+            crash_ledger: None,
+        };
+        let (stop, shutdown) = Shutdown::new();
+        let run = runner.run(&mut io, &Echo, shutdown);
+        let stopper = async {
+            committing.await.unwrap();
+            stop.send(true).unwrap();
+            tokio::time::Instant::now()
+        };
+        // Without the grace period this never ends; the bound only catches that.
+        let (result, stopped_at) = tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(run, stopper)
+        })
+        .await
+        .expect("the stage ended after the stop");
+        assert!(result.is_ok());
+        assert!(
+            stopped_at.elapsed() >= COMMIT_GRACE,
+            "the commit got its grace"
+        );
+    }
 }
