@@ -40,11 +40,10 @@ impl Lane {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LaneConfig {
-    /// Two lanes: what ingest reads itself travels in `ingest.lane`, and every stage consumes
-    /// both. Off by default for now: after a partition leader of a three-node cluster is
-    /// SIGKILLed, a stage's consumer has sat idle for up to ten minutes (seen with lanes on and
-    /// off; not understood yet), and the default stays the one-group path that is best known.
-    /// Off, everything travels in the live lane, as before.
+    /// Two lanes (the default): what ingest reads itself travels in `ingest.lane`, and every
+    /// stage consumes both, each lane in a consumer group of its own. Off, every stage has one
+    /// group and everything travels in the live lane: half the consumers and transactional
+    /// producers, for a deployment that never back-scans.
     pub enabled: bool,
     /// Take live work whenever some is waiting, the back-scan only when none is (strict
     /// priority: a back-scan makes progress only between live radiographs). `false` alternates
@@ -55,7 +54,7 @@ pub struct LaneConfig {
 impl Default for LaneConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             live_first: true,
         }
     }
