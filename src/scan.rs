@@ -164,7 +164,12 @@ async fn start(cfg: &Config, args: &ScanArgs) -> anyhow::Result<Pipeline> {
         shutdown,
         instance: "scan".into(),
         retry,
-        lanes: cfg.lanes,
+        // One process, one producer: everything travels in the live lane, so the stages need
+        // not watch a second one.
+        lanes: fracture_shared::bus::LaneConfig {
+            enabled: false,
+            ..cfg.lanes
+        },
     };
     if !cfg.export.pacs.is_empty() {
         eprintln!(

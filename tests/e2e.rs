@@ -165,14 +165,15 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
     )
     .await;
     let count = |suffix: &str| mids.iter().filter(|r| r.topic.ends_with(suffix)).count();
-    // Lanes are off by default: everything travels in the live lane.
-    assert_eq!(count(".deidentified"), passed_ingest);
-    assert_eq!(count(".preprocessed"), inputs.good.len());
-    assert_eq!(count(".scored"), inputs.good.len());
+    // Lanes are on by default, and a folder given to `serve ingest` is a back-scan: everything
+    // travels in the back-scan lane, and every stage keeps it there.
+    assert_eq!(count(".deidentified.backscan"), passed_ingest);
+    assert_eq!(count(".preprocessed.backscan"), inputs.good.len());
+    assert_eq!(count(".scored.backscan"), inputs.good.len());
     assert_eq!(
         mids.len(),
         passed_ingest + 2 * inputs.good.len(),
-        "nothing in the back-scan lane"
+        "nothing in the live lane"
     );
     for r in &mids {
         match &r.topic {
