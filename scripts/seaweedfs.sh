@@ -66,6 +66,9 @@ install() {
     mv -f "$BIN.new" "$BIN"
     echo "$VERSION $(sha256sum "$BIN" | cut -d' ' -f1)" >"$STAMP"
   fi
+  # Let go of the lock: a server started after this must not hold it (another `start` or
+  # `install` would wait for that server to exit).
+  exec 9>&-
   echo "$BIN"
 }
 
