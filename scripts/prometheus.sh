@@ -4,7 +4,7 @@
 # alert rules (helm/fracture/rules), and Prometheus scrapes the five stages.
 #   scripts/prometheus.sh    last stdout line: the folder holding `prometheus` and `promtool`
 # Idempotent: binaries built from the pinned module version are kept (a stamp records the
-# version and their sha256). Building needs Go >= 1.25 on PATH (about 8 minutes on 2 cores from
+# version and their sha256). Building needs Go >= 1.26.7 on PATH (about 10 minutes on 2 cores from
 # an empty module cache); everything Go writes stays under $FRACTURE_CACHE/go.
 #   FRACTURE_CACHE               cache folder (default $HOME/.cache/fracture)
 #   FRACTURE_PROMETHEUS_VERSION  github.com/prometheus/prometheus module version (default below;

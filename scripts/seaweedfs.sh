@@ -47,7 +47,7 @@ install() {
   exec 9>"$CACHE/seaweedfs.lock"
   flock 9
   if ! is_pinned; then
-    command -v go >/dev/null 2>&1 || die "building SeaweedFS needs Go >= 1.26 on PATH (https://go.dev/dl/)"
+    command -v go >/dev/null 2>&1 || die "building SeaweedFS needs Go >= 1.26.6 on PATH (https://go.dev/dl/)"
     echo "building $MODULE@$VERSION (weed) into $BIN" >&2
     export GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/pkg/mod"
     export GOTOOLCHAIN=local GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
