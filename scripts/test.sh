@@ -17,6 +17,15 @@ bash scripts/orthanc.sh install >/dev/null  # the PACS of services/ingest/tests/
 FRACTURE_HELM="$(bash scripts/helm.sh | tail -n 1)"; export FRACTURE_HELM  # tests/helm_chart.rs
 bash scripts/seaweedfs.sh install >/dev/null  # the S3 server of tests/store_s3.rs
 FRACTURE_PROMETHEUS="$(bash scripts/prometheus.sh | tail -n 1)"; export FRACTURE_PROMETHEUS  # tests/prometheus.rs
+# Podman and the base images of tests/compose.rs; exit 3 means containers cannot run on this
+# machine, and the test then says so and skips (any other failure stops here).
+compose_rc=0
+FRACTURE_COMPOSE="$(bash scripts/compose.sh install | tail -n 1)" || compose_rc=$?
+case "$compose_rc" in
+0) export FRACTURE_COMPOSE ;;
+3) export FRACTURE_COMPOSE="" ;;
+*) exit "$compose_rc" ;;
+esac
 
 broker_dir=""
 if [ -z "${FRACTURE_TEST_KAFKA:-}" ]; then
