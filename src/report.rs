@@ -117,13 +117,19 @@ pub fn html(
         s.dead_letters,
         s.skipped
     ));
-    h.push_str("<h2>By region</h2><table><tr><th>region</th><th>radiographs</th><th>called fracture</th></tr>");
+    h.push_str("<h2>By region</h2><p>Each region is called at its own thresholds where the model has them (calibrated for 92.5% sensitivity on that region), else at the global ones.</p><table><tr><th>region</th><th>radiographs</th><th>called fracture</th><th>score threshold</th><th>map threshold</th></tr>");
+    let threshold = |own: Option<&f32>, global: f32| match own {
+        Some(t) => format!("{t:.4} (own)"),
+        None => format!("{global:.4} (global)"),
+    };
     for r in regions {
         h.push_str(&format!(
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             esc(&r.region),
             r.radiographs,
-            r.positive
+            r.positive,
+            threshold(m.thresholds.score.get(&r.region), m.thresholds.default_score),
+            threshold(m.thresholds.map.get(&r.region), m.thresholds.default_map),
         ));
     }
     h.push_str("</table>");
@@ -310,6 +316,49 @@ mod tests {
         assert!(
             !h.contains("http:") && !h.contains("https:") && !h.contains("//"),
             "no network"
+        );
+    }
+
+    #[test]
+    fn each_region_shows_the_thresholds_it_is_called_at() {
+        let m = Manifest::from_toml(
+            "name = \"n\"\nmodel_version = \"n-1\"\ntrained = false\nnull_model = true\n\
+             input_size = 64\nmodel_card = \"card\"\n[thresholds]\ndefault_score = 0.5\n\
+             default_map = 0.25\n[thresholds.score]\nwrist = 0.125\n[thresholds.map]\nwrist = 0.75\n",
+            std::path::PathBuf::new(),
+        )
+        .unwrap();
+        let regions = [
+            RegionCount {
+                region: "wrist".into(),
+                radiographs: 3,
+                positive: 1,
+            },
+            RegionCount {
+                region: "hip".into(),
+                radiographs: 2,
+                positive: 0,
+            },
+        ];
+        let summary = ScanSummary {
+            inputs: 5,
+            findings: 5,
+            dead_letters: 0,
+            skipped: 0,
+            seconds: 1.0,
+        };
+        let views = Views {
+            thumbnails: HashMap::new(),
+            studies: Vec::new(),
+        };
+        let h = html(&m, &[], &[], &regions, &summary, None, &views);
+        assert!(
+            h.contains("<td>wrist</td><td class=\"num\">3</td><td class=\"num\">1</td><td class=\"num\">0.1250 (own)</td><td class=\"num\">0.7500 (own)</td>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("<td>hip</td><td class=\"num\">2</td><td class=\"num\">0</td><td class=\"num\">0.5000 (global)</td><td class=\"num\">0.2500 (global)</td>"),
+            "{h}"
         );
     }
 }
