@@ -13,6 +13,9 @@
 #                                built on this host (Debian 12, the runtime's glibc), so the test
 #                                does not compile the workspace a second time in a container.
 #   scripts/compose.sh env       the environment for podman and podman-compose, as shell exports.
+#   scripts/compose.sh loader    builds scripts/compose/config (compose-go, the loader Docker
+#                                Compose itself uses, pinned in its go.mod and go.sum) once;
+#                                last stdout line: the binary. Needs Go, not root or podman.
 #
 # Base images, built only where an image of that name is missing (a registry's wins):
 #   docker.io/library/debian:bookworm-slim   debootstrap --variant=minbase of Debian 12 from the
@@ -180,9 +183,28 @@ cmd_image() {
   echo "$tag"
 }
 
+# Rebuilt when its sources change (the stamp is their sha256).
+cmd_loader() {
+  local src="$root/scripts/compose/config" bin="$DIR/bin/compose-config" want
+  want=$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -d' ' -f1)
+  if [[ ! -x "$bin" || "$(cat "$bin.stamp" 2>/dev/null)" != "$want" ]]; then
+    command -v go >/dev/null || die "building the compose loader needs Go on PATH (https://go.dev/dl/)"
+    mkdir -p "$DIR/bin"
+    say "building compose-go's loader into $bin"
+    (
+      cd "$src"
+      export GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/cache" GOFLAGS=-mod=readonly
+      go build -trimpath -o "$bin" .
+    ) >&2 || die "go build of scripts/compose/config failed"
+    echo "$want" >"$bin.stamp"
+  fi
+  echo "$bin"
+}
+
 case "${1:-}" in
 install) cmd_install ;;
+loader) cmd_loader ;;
 image) shift; cmd_image "$@" ;;
 env) env_exports ;;
-*) die "usage: scripts/compose.sh install | image BIN | env" ;;
+*) die "usage: scripts/compose.sh install | image BIN | env | loader" ;;
 esac

@@ -380,3 +380,119 @@ async fn the_compose_stack_starts_scores_radiographs_and_shows_the_audit() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// docker-compose.yml as Docker Compose reads it: compose-go, Docker Compose's own loader (schema,
+/// merge keys, interpolation, normalisation), built by `scripts/compose.sh loader`. The rules
+/// that make the file start under podman-compose too must hold in Docker's reading of it.
+#[test]
+fn docker_compose_reads_the_file_as_podman_compose_runs_it() {
+    let out = Command::new("bash")
+        .arg(pipeline::repo().join("scripts/compose.sh"))
+        .arg("loader")
+        .output()
+        .expect("run scripts/compose.sh loader");
+    assert!(
+        out.status.success(),
+        "scripts/compose.sh loader: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loader = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("the loader's path")
+        .trim()
+        .to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        pipeline::repo().join("docker-compose.yml"),
+        tmp.path().join("docker-compose.yml"),
+    )
+    .unwrap();
+    let load = |token: Option<&str>, profiles: &[&str]| {
+        let mut c = Command::new(&loader);
+        c.current_dir(tmp.path())
+            .arg("docker-compose.yml")
+            .args(profiles)
+            .env_remove("FRACTURE_DASHBOARD_TOKEN");
+        if let Some(t) = token {
+            c.env("FRACTURE_DASHBOARD_TOKEN", t);
+        }
+        c.output().expect("run compose-config")
+    };
+
+    // Without the dashboard token Docker Compose refuses the file, and says which variable.
+    let refused = load(None, &[]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("FRACTURE_DASHBOARD_TOKEN"), "{said}");
+
+    for profiles in [&[][..], &["export"][..]] {
+        let out = load(Some(TOKEN), profiles);
+        assert!(
+            out.status.success(),
+            "compose-go refuses docker-compose.yml (profiles {profiles:?}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let project: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let services = project["services"].as_object().unwrap();
+        let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+        let mut want: BTreeSet<&str> = [
+            "kafka",
+            "ingest",
+            "preprocess",
+            "ensemble",
+            "ensemble-2",
+            "postprocess",
+            "audit",
+        ]
+        .into();
+        if profiles.contains(&"export") {
+            want.insert("export");
+        }
+        assert_eq!(names, want, "services (profiles {profiles:?})");
+        // One host port per container port, none shared (a range onto one port is what
+        // podman-compose refuses).
+        let mut published = BTreeSet::new();
+        for (name, s) in services {
+            for p in s["ports"].as_array().into_iter().flatten() {
+                let host = p["published"].as_str().unwrap_or_default();
+                assert!(
+                    host.parse::<u16>().is_ok(),
+                    "{name} publishes {host:?}, not one port"
+                );
+                assert!(published.insert(host.to_string()), "host port {host} twice");
+            }
+            // Nothing waits on a healthcheck or a one-off job, and no dependency has one of its
+            // own (podman without systemd runs no healthchecks; podman before 5.6 cannot start
+            // a chain).
+            for (dep, how) in s["depends_on"].as_object().into_iter().flatten() {
+                assert_eq!(how["condition"], "service_started", "{name} -> {dep}");
+                assert!(
+                    services[dep]["depends_on"]
+                        .as_object()
+                        .is_none_or(|d| d.is_empty()),
+                    "{name} depends on {dep}, which depends on more"
+                );
+            }
+        }
+        for stage in ["ingest", "preprocess", "ensemble", "postprocess", "audit"] {
+            let s = &services[stage];
+            assert_eq!(s["image"], "fracture:local", "{stage}");
+            assert_eq!(s["command"][1], stage, "{stage}");
+            assert_eq!(s["restart"], "unless-stopped", "{stage}");
+            assert_eq!(
+                s["environment"]["FRACTURE__KAFKA__BROKERS"], "kafka:9092",
+                "{stage}"
+            );
+        }
+        // The second replica is the first's twin but for its host port.
+        let (a, b) = (&services["ensemble"], &services["ensemble-2"]);
+        for key in ["image", "command", "environment", "volumes", "restart"] {
+            assert_eq!(a[key], b[key], "ensemble and ensemble-2 differ in {key}");
+        }
+        assert_eq!(
+            services["audit"]["environment"]["FRACTURE__AUDIT__DASHBOARD_TOKEN"],
+            TOKEN
+        );
+    }
+}
