@@ -180,6 +180,8 @@ cmd_image() {
     tail -n 20 "$DIR/fracture-image.log" >&2
     die "building $tag failed (log: $DIR/fracture-image.log)"
   }
+  # The image this replaced, now untagged, would pile up with every test run.
+  podman image prune -f >/dev/null 2>&1 || true
   echo "$tag"
 }
 
