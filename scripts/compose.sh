@@ -13,9 +13,11 @@
 #                                built on this host (Debian 12, the runtime's glibc), so the test
 #                                does not compile the workspace a second time in a container.
 #   scripts/compose.sh env       the environment for podman and podman-compose, as shell exports.
-#   scripts/compose.sh loader    builds scripts/compose/config (compose-go, the loader Docker
-#                                Compose itself uses, pinned in its go.mod and go.sum) once;
-#                                last stdout line: the binary. Needs Go, not root or podman.
+#   scripts/compose.sh checker   builds scripts/compose/config once: container-check, which
+#                                reads docker-compose.yml with compose-go (Docker Compose's own
+#                                loader) and the Dockerfile with BuildKit's `docker build --check`,
+#                                pinned in its go.mod and go.sum; last stdout line: the binary.
+#                                Needs Go, not root, podman or a registry.
 #
 # Base images, built only where an image of that name is missing (a registry's wins):
 #   docker.io/library/debian:bookworm-slim   debootstrap --variant=minbase of Debian 12 from the
@@ -186,13 +188,13 @@ cmd_image() {
 }
 
 # Rebuilt when its sources change (the stamp is their sha256).
-cmd_loader() {
-  local src="$root/scripts/compose/config" bin="$DIR/bin/compose-config" want
+cmd_checker() {
+  local src="$root/scripts/compose/config" bin="$DIR/bin/container-check" want
   want=$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -d' ' -f1)
   if [[ ! -x "$bin" || "$(cat "$bin.stamp" 2>/dev/null)" != "$want" ]]; then
-    command -v go >/dev/null || die "building the compose loader needs Go on PATH (https://go.dev/dl/)"
+    command -v go >/dev/null || die "building container-check needs Go >= 1.24.3 on PATH (https://go.dev/dl/)"
     mkdir -p "$DIR/bin"
-    say "building compose-go's loader into $bin"
+    say "building container-check (compose-go, BuildKit's Dockerfile checks) into $bin"
     (
       cd "$src"
       export GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/cache" GOFLAGS=-mod=readonly
@@ -205,8 +207,8 @@ cmd_loader() {
 
 case "${1:-}" in
 install) cmd_install ;;
-loader) cmd_loader ;;
+checker) cmd_checker ;;
 image) shift; cmd_image "$@" ;;
 env) env_exports ;;
-*) die "usage: scripts/compose.sh install | image BIN | env | loader" ;;
+*) die "usage: scripts/compose.sh install | image BIN | env | checker" ;;
 esac

@@ -382,26 +382,11 @@ async fn the_compose_stack_starts_scores_radiographs_and_shows_the_audit() {
 }
 
 /// docker-compose.yml as Docker Compose reads it: compose-go, Docker Compose's own loader (schema,
-/// merge keys, interpolation, normalisation), built by `scripts/compose.sh loader`. The rules
+/// merge keys, interpolation, normalisation), in `container-check` (`scripts/compose.sh checker`). The rules
 /// that make the file start under podman-compose too must hold in Docker's reading of it.
 #[test]
 fn docker_compose_reads_the_file_as_podman_compose_runs_it() {
-    let out = Command::new("bash")
-        .arg(pipeline::repo().join("scripts/compose.sh"))
-        .arg("loader")
-        .output()
-        .expect("run scripts/compose.sh loader");
-    assert!(
-        out.status.success(),
-        "scripts/compose.sh loader: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let loader = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("the loader's path")
-        .trim()
-        .to_string();
+    let loader = common::container_check();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(
         pipeline::repo().join("docker-compose.yml"),
@@ -411,13 +396,13 @@ fn docker_compose_reads_the_file_as_podman_compose_runs_it() {
     let load = |token: Option<&str>, profiles: &[&str]| {
         let mut c = Command::new(&loader);
         c.current_dir(tmp.path())
-            .arg("docker-compose.yml")
+            .args(["compose", "docker-compose.yml"])
             .args(profiles)
             .env_remove("FRACTURE_DASHBOARD_TOKEN");
         if let Some(t) = token {
             c.env("FRACTURE_DASHBOARD_TOKEN", t);
         }
-        c.output().expect("run compose-config")
+        c.output().expect("run container-check compose")
     };
 
     // Without the dashboard token Docker Compose refuses the file, and says which variable.

@@ -3,7 +3,10 @@
 //! instruction (it once made `FROM … AS runtime` part of the builder's last `RUN`, and the build
 //! failed at the very end of a long cargo build). No container engine is needed to read it.
 
-use std::path::PathBuf;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 const KEYWORDS: &[&str] = &[
     "ADD",
@@ -127,4 +130,57 @@ fn every_instruction_stands_on_its_own_and_the_image_carries_its_models() {
             }),
         "the builder copies {model} into /usr/share/fracture/models"
     );
+}
+
+/// BuildKit's own `docker build --check` (lint rules, instruction parsing, the stage graph),
+/// through `container-check dockerfile`: (warnings as `rule: detail`, build error).
+fn buildkit_check(dockerfile: &Path) -> (Vec<String>, Option<String>) {
+    let out = Command::new(common::container_check())
+        .arg("dockerfile")
+        .arg(dockerfile)
+        .output()
+        .expect("run container-check dockerfile");
+    assert!(
+        out.status.success(),
+        "container-check dockerfile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| format!("{}: {}", w["ruleName"], w["detail"]))
+        .collect();
+    let error = v["buildError"]["message"].as_str().map(str::to_string);
+    (warnings, error)
+}
+
+#[test]
+fn buildkit_finds_nothing_to_say_about_the_dockerfile() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (warnings, error) = buildkit_check(&root.join("Dockerfile"));
+    assert_eq!(error, None, "BuildKit cannot build the Dockerfile");
+    assert!(warnings.is_empty(), "BuildKit's checks: {warnings:?}");
+
+    // The same check on the bug this file once had (a `\` before a blank line at the end of the
+    // builder's last RUN) reports it, so a clean result above means something.
+    let text = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let runtime = text.find("\nFROM ").and_then(|first| {
+        text[first + 1..]
+            .find("\nFROM ")
+            .map(|second| first + 1 + second)
+    });
+    let runtime = runtime.expect("a second stage");
+    let before = text[..runtime].trim_end();
+    let broken = format!("{before} \\\n\n{}", &text[runtime + 1..]);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("Dockerfile");
+    std::fs::write(&file, broken).unwrap();
+    let (warnings, error) = buildkit_check(&file);
+    assert!(
+        warnings.iter().any(|w| w.contains("NoEmptyContinuation")),
+        "{warnings:?}"
+    );
+    assert!(error.is_some(), "the swallowed FROM goes unnoticed");
 }

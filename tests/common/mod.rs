@@ -201,3 +201,27 @@ pub fn deid_refusals(out: &Path) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// `container-check` (scripts/compose/config): docker-compose.yml through compose-go and the
+/// Dockerfile through BuildKit's checks, as Docker reads them; built once by
+/// `scripts/compose.sh checker`.
+pub fn container_check() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/compose.sh"))
+        .arg("checker")
+        .output()
+        .expect("run scripts/compose.sh checker");
+    assert!(
+        out.status.success(),
+        "scripts/compose.sh checker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("container-check's path")
+            .trim(),
+    )
+}
