@@ -2,10 +2,10 @@
 //! (protobuf) exporter, configured by the standard `OTEL_*` environment variables, with the
 //! config file's `[telemetry] otlp_endpoint` as the fallback endpoint.
 //!
-//! Precedence, as the OpenTelemetry specification has it for the environment: the `OTEL_*`
-//! variables win, the config file fills in what they leave unset (an empty variable counts as
-//! unset). So a platform that injects `OTEL_EXPORTER_OTLP_ENDPOINT` (the OpenTelemetry
-//! Operator, a Helm chart's env) redirects every stage without touching `fracture.toml`.
+//! Precedence: the `OTEL_*` variables win, the config file fills in what they leave unset (an
+//! empty variable counts as unset, as the OpenTelemetry specification has it). They are the
+//! contract platforms inject (the OpenTelemetry Operator, a chart's env), so setting
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` redirects every stage without touching `fracture.toml`.
 //!   endpoint  `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is), else
 //!             `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`, else `otlp_endpoint` + `/v1/traces`;
 //!             none of them: no export (also with `OTEL_SDK_DISABLED=true` or
@@ -21,7 +21,7 @@
 //!
 //! A slow or absent collector never holds the pipeline back: spans wait in the processor's
 //! bounded queue and export from its own thread; when the queue is full new spans are dropped,
-//! and the SDK logs the first drop and, at shutdown, the total.
+//! and the SDK logs the first drop and, at a shutdown that reaches its processor, the total.
 
 use std::time::Duration;
 
