@@ -17,6 +17,7 @@ bash scripts/orthanc.sh install >/dev/null  # the PACS of services/ingest/tests/
 FRACTURE_HELM="$(bash scripts/helm.sh | tail -n 1)"; export FRACTURE_HELM  # tests/helm_chart.rs
 bash scripts/seaweedfs.sh install >/dev/null  # the S3 server of tests/store_s3.rs
 FRACTURE_PROMETHEUS="$(bash scripts/prometheus.sh | tail -n 1)"; export FRACTURE_PROMETHEUS  # tests/prometheus.rs
+FRACTURE_JAEGER="$(bash scripts/jaeger.sh | tail -n 1)"; export FRACTURE_JAEGER  # tests/otlp.rs
 # Podman and the base images of tests/compose.rs; exit 3 means containers cannot run on this
 # machine, and the test then says so and skips (any other failure stops here).
 compose_rc=0

@@ -5,6 +5,7 @@ mod config;
 mod deid;
 mod evaluate;
 mod labels;
+mod otel;
 mod report;
 mod results;
 mod scan;

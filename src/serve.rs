@@ -14,6 +14,9 @@ use fracture_shared::store::BlobStore;
 use fracture_shared::telemetry;
 
 use crate::config::Config;
+
+/// How long a stopping stage waits for its last spans to be exported.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::stages::{Stage, StageSpec};
 
 /// `fracture topics`: creates the pipeline's topics (idempotent) and lists them.
@@ -55,10 +58,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tcfg = &cfg.telemetry;
     telemetry::init(tcfg);
-    if !tcfg.otlp_endpoint.is_empty() {
-        let service = format!("fracture-{}", stage.name());
-        fracture_shared::otlp::install(&tcfg.otlp_endpoint, &service);
-    }
+    let exporting = match crate::otel::plan(
+        &tcfg.otlp_endpoint,
+        stage.name(),
+        crate::otel::env_var,
+    )? {
+        None => None,
+        Some(plan) => {
+            let provider = {
+                let plan = plan.clone();
+                tokio::task::spawn_blocking(move || crate::otel::provider(&plan)).await??
+            };
+            telemetry::install_tracer_provider(&provider);
+            tracing::info!(endpoint = %plan.endpoint, service = plan.service_name.as_deref().unwrap_or("(from OTEL_*)"), "exporting spans over OTLP/HTTP");
+            Some(provider)
+        }
+    };
     let kafka = &cfg.kafka;
     let topics = Topics::new(&kafka.topic_prefix);
     let bus: Arc<dyn Bus> = Arc::new(KafkaBus::new(kafka.clone()));
@@ -99,6 +114,15 @@ pub async fn run(
         Ok(spec) => spec.run(&env).await,
         Err(e) => Err(e),
     };
-    fracture_shared::otlp::flush(Duration::from_secs(5)).await;
+    if let Some(provider) = exporting {
+        // The spans still queued get one bounded try: a collector that is down must not hold a
+        // stopping stage past its grace period.
+        let flushed =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT))
+                .await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "spans still queued at shutdown may be lost");
+        }
+    }
     result
 }

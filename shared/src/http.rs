@@ -5,6 +5,9 @@
 //! are open at once (past that a connection is closed unanswered, so a flood cannot take the
 //! process's descriptors). Request bodies are each handler's business (STOW-RS caps and times
 //! its own).
+//!
+//! Also the one small HTTP client call a stage makes itself, [`post_json`] (the audit sink's
+//! alert webhook); spans leave through the OpenTelemetry SDK's own exporter.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -94,6 +97,70 @@ pub async fn serve(
     Ok(())
 }
 
+/// A POST that did not succeed; the message says where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error("{0:?} must start with http://")]
+    NotHttp(String),
+    #[error("cannot reach {host}: {reason}")]
+    Io { host: String, reason: String },
+    #[error("{host} answered {status:?}")]
+    Status { host: String, status: String },
+    #[error("{0} did not answer within 5 s")]
+    Timeout(String),
+}
+
+/// POSTs a JSON body to `url` (`http://host:port/path`), e.g. an alert webhook, as plain
+/// HTTP/1.1 with a 5 s timeout.
+pub async fn post_json(url: &str, body: &[u8]) -> Result<(), PostError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| PostError::NotHttp(url.to_string()))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let io_error = |e: std::io::Error| PostError::Io {
+        host: host.to_string(),
+        reason: e.to_string(),
+    };
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(io_error)?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.map_err(io_error)?;
+        s.write_all(body).await.map_err(io_error)?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.map_err(io_error)?;
+        let status = String::from_utf8_lossy(&resp)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if status
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|c| c.starts_with('2'))
+        {
+            Ok(())
+        } else {
+            Err(PostError::Status {
+                host: host.to_string(),
+                status,
+            })
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .map_err(|_| PostError::Timeout(host.to_string()))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +228,40 @@ mod tests {
         s.write_all(req.as_bytes()).await.unwrap();
         let got = answer(&mut s).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn post_json_posts_the_body_and_reports_a_refusal() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+        let keep = got.clone();
+        let router = Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(move |body: axum::body::Bytes| async move {
+                    keep.lock().unwrap().extend_from_slice(&body);
+                    "{}"
+                }),
+            )
+            .route(
+                "/full",
+                axum::routing::post(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+            );
+        tokio::spawn(serve(listener, router, std::future::pending::<()>()));
+        post_json(&format!("http://{addr}/hook"), br#"{"kind":"drift"}"#)
+            .await
+            .unwrap();
+        assert_eq!(&*got.lock().unwrap(), br#"{"kind":"drift"}"#);
+        let refused = post_json(&format!("http://{addr}/full"), b"{}").await;
+        assert!(
+            matches!(&refused, Err(PostError::Status { status, .. }) if status.contains("503")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            post_json("https://alerts.invalid/hook", b"{}").await,
+            Err(PostError::NotHttp("https://alerts.invalid/hook".into()))
+        );
     }
 
     #[test]

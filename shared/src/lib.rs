@@ -13,7 +13,6 @@ pub mod html;
 pub mod http;
 pub mod messages;
 pub mod metrics;
-pub mod otlp;
 pub mod pixels;
 pub mod region;
 pub mod retry;

@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use opentelemetry::trace::{Span as _, Status};
+use opentelemetry::KeyValue;
 use tokio::sync::watch;
 
 use crate::breaker::{Admission, Breaker, Unit};
@@ -193,23 +195,28 @@ impl StageRunner {
                 let upstream = record
                     .header(telemetry::TRACEPARENT)
                     .and_then(telemetry::from_traceparent);
-                let parent = upstream.clone().unwrap_or_else(telemetry::new_trace);
-                let span = telemetry::child_of(&parent);
                 let lane = self.topics.lane_of(&record.topic);
-                spans.push((
-                    span.clone(),
-                    upstream.map(|u| u.span_id()),
-                    result.is_err(),
-                    lane,
-                ));
+                let span = telemetry::start_span(
+                    self.stage,
+                    upstream,
+                    started_wall,
+                    vec![
+                        KeyValue::new("fracture.stage", self.stage),
+                        KeyValue::new("fracture.batch_size", batch.len() as i64),
+                        KeyValue::new("fracture.lane", lane.as_str()),
+                    ],
+                );
+                let trace_id = span.span_context().trace_id();
                 let headers = vec![(
                     telemetry::TRACEPARENT.to_string(),
-                    telemetry::to_traceparent(&span),
+                    telemetry::to_traceparent(span.span_context()),
                 )];
+                let dead_letter = result.as_ref().err().map(|e| e.kind);
+                spans.push((span, dead_letter));
                 let (input, region) = peek(&record.payload);
                 match result {
                     Ok(outs) => {
-                        tracing::debug!(stage = self.stage, trace_id = %span.trace_id(), outputs = outs.len(), "processed");
+                        tracing::debug!(stage = self.stage, trace_id = %trace_id, outputs = outs.len(), "processed");
                         self.metrics
                             .processed
                             .with_label_values(&[
@@ -226,7 +233,7 @@ impl StageRunner {
                     }
                     Err(e) => {
                         dead += 1;
-                        tracing::warn!(stage = self.stage, trace_id = %span.trace_id(), kind = ?e.kind, reason = %e.message, "dead letter");
+                        tracing::warn!(stage = self.stage, trace_id = %trace_id, kind = ?e.kind, reason = %e.message, "dead letter");
                         self.metrics
                             .dead_lettered
                             .with_label_values(&[
@@ -270,23 +277,15 @@ impl StageRunner {
             settle(&mut breaker, &units, committed.is_ok()).await;
             match committed {
                 Ok(()) => {
-                    if crate::otlp::enabled() {
-                        let end = std::time::SystemTime::now();
-                        for (context, parent, error, lane) in spans {
-                            crate::otlp::record(crate::otlp::SpanRecord {
-                                context,
-                                parent,
-                                name: self.stage.to_string(),
-                                start: started_wall,
-                                end,
-                                attributes: vec![
-                                    ("fracture.stage".into(), self.stage.into()),
-                                    ("fracture.batch_size".into(), batch.len().to_string()),
-                                    ("fracture.lane".into(), lane.as_str().into()),
-                                ],
-                                error,
-                            });
+                    let end = std::time::SystemTime::now();
+                    for (mut span, dead_letter) in spans {
+                        if let Some(kind) = dead_letter {
+                            span.set_status(Status::error(format!(
+                                "dead-lettered ({})",
+                                format!("{kind:?}").to_lowercase()
+                            )));
                         }
+                        span.end_with_timestamp(end);
                     }
                     self.metrics
                         .batch_seconds
@@ -305,7 +304,12 @@ impl StageRunner {
                 }
                 Err(BusError::Fatal(m)) => return Err(fail(BusError::Fatal(m))),
                 Err(e) => {
-                    // Nothing was published; the batch comes again from the committed offsets.
+                    // Nothing was published; the batch comes again from the committed offsets
+                    // (under new spans: these end as errors, their headers never left).
+                    for mut span in spans.into_iter().map(|(span, _)| span) {
+                        span.set_status(Status::error("commit did not land"));
+                        span.end();
+                    }
                     tracing::warn!(stage = self.stage, error = %e, "commit did not land, re-processing");
                     if let Err(BusError::Fatal(m)) = io.rewind().await {
                         return Err(fail(BusError::Fatal(m)));

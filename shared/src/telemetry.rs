@@ -1,11 +1,19 @@
 //! Logging and trace context: one radiograph is one trace across every stage and process.
 //!
 //! The W3C `traceparent` travels in message headers (Kafka headers, or the in-process bus's);
-//! each stage continues the trace with a new span id and records the trace id on its log lines.
+//! each stage starts its span (OpenTelemetry SDK) as the child of the one the header names,
+//! passes its own span on in the header it writes, and records the trace id on its log lines.
 //! Log fields never carry PHI: only pseudonyms, stage names, counts and reasons.
 
-use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-use rand::RngCore;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use opentelemetry::trace::{
+    SpanBuilder, SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+    TracerProvider,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -20,7 +28,9 @@ pub struct TelemetryConfig {
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint of a serving stage;
     /// empty disables it.
     pub metrics_addr: String,
-    /// OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`); empty: no span export.
+    /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`; spans go to `/v1/traces`
+    /// under it); empty: no span export. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` and
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` win over it when set (see `src/otel.rs`).
     pub otlp_endpoint: String,
 }
 
@@ -52,32 +62,42 @@ pub fn init(cfg: &TelemetryConfig) {
     };
 }
 
-/// A new trace for a radiograph entering the system.
-pub fn new_trace() -> SpanContext {
-    let mut rng = rand::rng();
-    let mut t = [0u8; 16];
-    let mut s = [0u8; 8];
-    rng.fill_bytes(&mut t);
-    rng.fill_bytes(&mut s);
-    SpanContext::new(
-        TraceId::from_bytes(t),
-        SpanId::from_bytes(s),
-        TraceFlags::SAMPLED,
-        false,
-        TraceState::default(),
-    )
+/// The provider every span is started from. `fracture serve` installs one that exports (see
+/// [`install_tracer_provider`]); without it a provider with no processor still gives every span
+/// real ids, so the trace context travels and log lines carry trace ids, and nothing leaves.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+const SCOPE: &str = "fracture";
+
+/// Makes `provider` the one every later span comes from. Returns false (and changes nothing) when
+/// a span was already started, or a provider installed, in this process.
+pub fn install_tracer_provider(provider: &SdkTracerProvider) -> bool {
+    TRACER.set(provider.tracer(SCOPE)).is_ok()
 }
 
-/// The next span of the same trace (a stage continuing the radiograph's trace).
-pub fn child_of(parent: &SpanContext) -> SpanContext {
-    let mut s = [0u8; 8];
-    rand::rng().fill_bytes(&mut s);
-    SpanContext::new(
-        parent.trace_id(),
-        SpanId::from_bytes(s),
-        parent.trace_flags(),
-        false,
-        TraceState::default(),
+fn tracer() -> &'static SdkTracer {
+    TRACER.get_or_init(|| SdkTracerProvider::builder().build().tracer(SCOPE))
+}
+
+/// Starts the span of `stage` for one radiograph, as of `start`: a child of the upstream stage's
+/// span when `parent` (from its `traceparent`) is given, else the root of a new trace. Its
+/// context is what the outgoing `traceparent` must carry ([`to_traceparent`]), so the next
+/// stage's span is its child. Attributes never hold PHI: only stage names, counts, lanes.
+pub fn start_span(
+    stage: &'static str,
+    parent: Option<SpanContext>,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Span {
+    let parent = match parent {
+        Some(remote) => Context::new().with_remote_span_context(remote),
+        None => Context::new(),
+    };
+    tracer().build_with_context(
+        SpanBuilder::from_name(stage)
+            .with_start_time(start)
+            .with_attributes(attributes),
+        &parent,
     )
 }
 
@@ -114,16 +134,33 @@ pub fn from_traceparent(v: &str) -> Option<SpanContext> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::trace::Span as _;
 
     #[test]
-    fn traceparent_round_trips_and_children_share_the_trace() {
-        let t = new_trace();
-        let p = from_traceparent(&to_traceparent(&t)).unwrap();
-        assert_eq!(p.trace_id(), t.trace_id());
-        assert_eq!(p.span_id(), t.span_id());
-        let c = child_of(&p);
-        assert_eq!(c.trace_id(), t.trace_id());
-        assert_ne!(c.span_id(), t.span_id());
+    fn a_stage_span_is_the_child_of_the_span_its_traceparent_names() {
+        let t = SystemTime::now();
+        let root = start_span("ingest", None, t, vec![]);
+        let header = to_traceparent(root.span_context());
+        let upstream = from_traceparent(&header).unwrap();
+        assert_eq!(&upstream.trace_id(), &root.span_context().trace_id());
+        assert_eq!(&upstream.span_id(), &root.span_context().span_id());
+        assert!(upstream.is_sampled());
+
+        let child = start_span(
+            "preprocess",
+            Some(upstream),
+            t,
+            vec![KeyValue::new("fracture.stage", "preprocess")],
+        );
+        let data = child.exported_data().unwrap();
+        assert_eq!(data.span_context.trace_id(), root.span_context().trace_id());
+        assert_ne!(data.span_context.span_id(), root.span_context().span_id());
+        assert_eq!(data.parent_span_id, root.span_context().span_id());
+        assert!(data.parent_span_is_remote);
+        assert_eq!(data.start_time, t);
+        let next = from_traceparent(&to_traceparent(child.span_context())).unwrap();
+        assert_eq!(next.span_id(), data.span_context.span_id());
+
         assert!(from_traceparent("00-zz-11-01").is_none());
         assert!(
             from_traceparent(&format!("00-{}-{}-01", "0".repeat(32), "1".repeat(16))).is_none()

@@ -135,6 +135,15 @@ impl Pipeline {
             .push((var, value.to_string()));
     }
 
+    /// Starts `stage` from now on with the environment variable `var` set to `value` (e.g. the
+    /// `OTEL_*` a platform injects).
+    pub fn set_env(&mut self, stage: &str, var: &str, value: &str) {
+        self.env
+            .entry(stage.to_string())
+            .or_default()
+            .push((var.to_string(), value.to_string()));
+    }
+
     /// Starts `stage` from now on under an address-space limit of `kib` KiB, as a container's
     /// memory limit would: an input that needs more kills it (an allocation fails and it aborts).
     pub fn limit_memory(&mut self, stage: &str, kib: u64) {
@@ -394,12 +403,16 @@ pub struct Span {
     pub name: String,
     pub start_ns: u64,
     pub end_ns: u64,
-    /// The string attributes.
+    /// The attributes, scalar values written out as text.
     pub attributes: Vec<(String, String)>,
 }
 
-/// An in-process OTLP/HTTP receiver: keeps every span posted to `/v1/traces`.
+/// An in-process OTLP/HTTP (protobuf) receiver: keeps every span posted to `/v1/traces`.
 pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+
     let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
     let keep = spans.clone();
     let app = axum::Router::new().route(
@@ -407,37 +420,38 @@ pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
         axum::routing::post(move |body: axum::body::Bytes| {
             let keep = keep.clone();
             async move {
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let nanos = |x: &serde_json::Value| {
-                    x.as_str()
-                        .and_then(|s| s.parse().ok())
-                        .or_else(|| x.as_u64())
-                        .unwrap_or(0)
+                let request = ExportTraceServiceRequest::decode(body).unwrap_or_default();
+                let text = |v: Option<Value>| match v? {
+                    Value::StringValue(s) => Some(s),
+                    Value::IntValue(i) => Some(i.to_string()),
+                    Value::BoolValue(b) => Some(b.to_string()),
+                    Value::DoubleValue(d) => Some(d.to_string()),
+                    _ => None,
                 };
-                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
-                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                        for sp in ss["spans"].as_array().into_iter().flatten() {
-                            keep.lock().unwrap().push(Span {
-                                trace_id: sp["traceId"].as_str().unwrap_or("").to_string(),
-                                name: sp["name"].as_str().unwrap_or("").to_string(),
-                                start_ns: nanos(&sp["startTimeUnixNano"]),
-                                end_ns: nanos(&sp["endTimeUnixNano"]),
-                                attributes: sp["attributes"]
-                                    .as_array()
+                let mut keep = keep.lock().unwrap();
+                for rs in request.resource_spans {
+                    for ss in rs.scope_spans {
+                        for sp in ss.spans {
+                            keep.push(Span {
+                                trace_id: hex(&sp.trace_id),
+                                name: sp.name,
+                                start_ns: sp.start_time_unix_nano,
+                                end_ns: sp.end_time_unix_nano,
+                                attributes: sp
+                                    .attributes
                                     .into_iter()
-                                    .flatten()
                                     .filter_map(|a| {
-                                        Some((
-                                            a["key"].as_str()?.to_string(),
-                                            a["value"]["stringValue"].as_str()?.to_string(),
-                                        ))
+                                        Some((a.key, text(a.value.and_then(|v| v.value))?))
                                     })
                                     .collect(),
                             });
                         }
                     }
                 }
-                "{}"
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
             }
         }),
     );
@@ -445,6 +459,10 @@ pub async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (format!("http://{addr}"), spans)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads the committed records of `fracture.findings` (both lanes) and `fracture.dead-letter`

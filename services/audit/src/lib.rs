@@ -260,7 +260,7 @@ impl Handler for AuditSink {
             };
             if let Some(url) = &self.webhook {
                 let body = serde_json::to_vec(&msg).unwrap_or_default();
-                if let Err(e) = fracture_shared::otlp::post_json(url, &body).await {
+                if let Err(e) = fracture_shared::http::post_json(url, &body).await {
                     tracing::warn!(error = %e, "alert webhook");
                 }
             }

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::DefaultDicomObject;
+use opentelemetry::trace::{Span as _, Status};
+use opentelemetry::KeyValue;
 
 use fracture_edge::linkage::{Linkage, LinkageRow};
 use fracture_shared::bus::{BusError, OutRecord, Producer, Topics};
@@ -312,11 +314,17 @@ impl Ingest {
             Input::Unreadable(p, why) => (p, Some(why.clone())),
         };
         let input = input.to_string();
-        let trace = telemetry::new_trace();
-        let started = std::time::SystemTime::now();
+        // The root of the radiograph's trace; every later stage's span descends from it.
+        let mut span = telemetry::start_span(
+            STAGE,
+            None,
+            std::time::SystemTime::now(),
+            vec![KeyValue::new("fracture.stage", STAGE)],
+        );
+        let trace_id = span.span_context().trace_id();
         let headers = vec![(
             telemetry::TRACEPARENT.to_string(),
-            telemetry::to_traceparent(&trace),
+            telemetry::to_traceparent(span.span_context()),
         )];
         let link_only = LinkageRow {
             input: input.clone(),
@@ -327,6 +335,8 @@ impl Ingest {
             if let Err(e) = self.linkage.record(&link_only).await {
                 tracing::error!(error = %e, "cannot write the linkage table");
             }
+            span.set_status(Status::error("dead-lettered (data)"));
+            span.end();
             let mut r = self.dead_letter(&input, StageError::data(why));
             r.headers = headers;
             return (Outcome::DeadLettered, Some(r), 0);
@@ -342,18 +352,13 @@ impl Ingest {
                 .await
                 .map(|m| (m, n)),
         };
-        if fracture_shared::otlp::enabled() {
-            let now = std::time::SystemTime::now();
-            fracture_shared::otlp::record(fracture_shared::otlp::SpanRecord {
-                context: trace.clone(),
-                parent: None,
-                name: STAGE.into(),
-                start: started,
-                end: now,
-                attributes: vec![("fracture.stage".into(), STAGE.into())],
-                error: result.is_err(),
-            });
+        if let Err(e) = &result {
+            span.set_status(Status::error(format!(
+                "refused ({})",
+                format!("{:?}", e.kind).to_lowercase()
+            )));
         }
+        span.end();
         match result {
             Ok((m, n)) => {
                 let key = m.id.study_instance_uid.clone();
@@ -377,7 +382,7 @@ impl Ingest {
                         tracing::error!(input = %input, error = %q, "cannot quarantine a refused input");
                     }
                 }
-                tracing::info!(trace_id = %trace.trace_id(), input = %input, reason = %e.message, "input refused");
+                tracing::info!(trace_id = %trace_id, input = %input, reason = %e.message, "input refused");
                 if e.kind == ErrorKind::External {
                     // Not the input's fault; retried by the caller, linked when it lands.
                 } else if let Err(le) = self.linkage.record(&link_only).await {
