@@ -25,27 +25,7 @@ use fracture_shared::testkit;
 
 /// The `jaeger` binary: `FRACTURE_JAEGER`, else `scripts/jaeger.sh` (which builds it once).
 fn jaeger_bin() -> PathBuf {
-    if let Ok(bin) = std::env::var("FRACTURE_JAEGER") {
-        if !bin.trim().is_empty() {
-            return PathBuf::from(bin.trim());
-        }
-    }
-    let out = Command::new("bash")
-        .arg(pipeline::repo().join("scripts/jaeger.sh"))
-        .output()
-        .expect("run scripts/jaeger.sh");
-    assert!(
-        out.status.success(),
-        "scripts/jaeger.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("a path")
-            .trim(),
-    )
+    common::built_peer("FRACTURE_JAEGER", "jaeger.sh", &[])
 }
 
 /// A Jaeger of its own (in-memory storage), everything on loopback, killed when dropped.

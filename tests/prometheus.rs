@@ -18,27 +18,7 @@ use fracture_shared::testkit;
 /// The folder holding `prometheus` and `promtool`: `FRACTURE_PROMETHEUS`, else
 /// `scripts/prometheus.sh` (which builds them once).
 fn tools() -> PathBuf {
-    if let Ok(dir) = std::env::var("FRACTURE_PROMETHEUS") {
-        if !dir.trim().is_empty() {
-            return PathBuf::from(dir);
-        }
-    }
-    let out = Command::new("bash")
-        .arg(pipeline::repo().join("scripts/prometheus.sh"))
-        .output()
-        .expect("run scripts/prometheus.sh");
-    assert!(
-        out.status.success(),
-        "scripts/prometheus.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("a folder")
-            .trim(),
-    )
+    common::built_peer("FRACTURE_PROMETHEUS", "prometheus.sh", &[])
 }
 
 fn rules() -> PathBuf {

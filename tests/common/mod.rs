@@ -202,26 +202,36 @@ pub fn deid_refusals(out: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `container-check` (scripts/compose/config): docker-compose.yml through compose-go and the
-/// Dockerfile through BuildKit's checks, as Docker reads them; built once by
-/// `scripts/compose.sh checker`.
-pub fn container_check() -> PathBuf {
+/// A peer a script builds once and names on its last stdout line: `$var` when set, else
+/// `bash scripts/SCRIPT ARGS...` (Prometheus, Jaeger, container-check).
+pub fn built_peer(var: &str, script: &str, args: &[&str]) -> PathBuf {
+    if let Ok(path) = std::env::var(var) {
+        if !path.trim().is_empty() {
+            return PathBuf::from(path.trim());
+        }
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
-        .arg(root.join("scripts/compose.sh"))
-        .arg("checker")
+        .arg(root.join("scripts").join(script))
+        .args(args)
         .output()
-        .expect("run scripts/compose.sh checker");
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/compose.sh checker: {}",
+        "scripts/{script} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .last()
-            .expect("container-check's path")
+            .unwrap_or_else(|| panic!("scripts/{script} printed no path"))
             .trim(),
     )
+}
+
+/// `container-check` (scripts/compose/config): docker-compose.yml through compose-go and the
+/// Dockerfile through BuildKit's checks, as Docker reads them.
+pub fn container_check() -> PathBuf {
+    built_peer("FRACTURE_CONTAINER_CHECK", "compose.sh", &["checker"])
 }
