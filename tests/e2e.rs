@@ -249,26 +249,19 @@ async fn five_serve_processes_on_kafka_then_scan_agree() {
 
     // No identifier of the inputs in any stage's log or on any topic (reported by tag only).
     let cat = dicom_object::open_file(inputs.dir.join("sub/cat.dcm")).unwrap();
-    let mut identifiers = Vec::new();
-    for tag in [
-        dicom_dictionary_std::tags::PATIENT_NAME,
-        dicom_dictionary_std::tags::PATIENT_ID,
-        dicom_dictionary_std::tags::INSTITUTION_NAME,
-        dicom_dictionary_std::tags::SOP_INSTANCE_UID,
-        dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
-    ] {
-        if let Ok(e) = cat.element(tag) {
-            let v = e
-                .to_str()
-                .unwrap()
-                .trim_end_matches('\0')
-                .trim()
-                .to_lowercase();
-            for part in v.split('^').filter(|p| p.len() >= 4) {
-                identifiers.push((tag, part.to_string()));
-            }
-        }
-    }
+    let identifiers: Vec<_> = common::identifier_parts(
+        &cat,
+        &[
+            dicom_dictionary_std::tags::PATIENT_NAME,
+            dicom_dictionary_std::tags::PATIENT_ID,
+            dicom_dictionary_std::tags::INSTITUTION_NAME,
+            dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+            dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
+        ],
+    )
+    .into_iter()
+    .map(|(tag, part)| (tag, part.to_lowercase()))
+    .collect();
     assert!(identifiers.len() >= 4);
     let mut texts = vec![("logs".to_string(), logs().to_lowercase())];
     for r in out.iter().chain(mids.iter()) {

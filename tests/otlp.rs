@@ -390,25 +390,16 @@ async fn jaeger_shows_one_trace_per_radiograph_with_the_five_stage_spans_in_a_ch
     let mut identifiers = Vec::new();
     for f in &files {
         let obj = dicom_object::open_file(f).unwrap();
-        for tag in [
+        let tags = [
             dicom_dictionary_std::tags::PATIENT_NAME,
             dicom_dictionary_std::tags::PATIENT_ID,
             dicom_dictionary_std::tags::INSTITUTION_NAME,
             dicom_dictionary_std::tags::SOP_INSTANCE_UID,
             dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
             dicom_dictionary_std::tags::ACCESSION_NUMBER,
-        ] {
-            if let Ok(e) = obj.element(tag) {
-                let v = e
-                    .to_str()
-                    .unwrap()
-                    .trim_end_matches('\0')
-                    .trim()
-                    .to_lowercase();
-                for part in v.split('^').filter(|p| p.len() >= 4) {
-                    identifiers.push((tag, part.to_string()));
-                }
-            }
+        ];
+        for (tag, part) in common::identifier_parts(&obj, &tags) {
+            identifiers.push((tag, part.to_lowercase()));
         }
     }
     assert!(identifiers.len() >= 3 * n, "{identifiers:?}");

@@ -100,30 +100,19 @@ fn no_identifier_crosses_the_phi_boundary() {
     let cat = inputs.join("cat.dcm");
     std::fs::copy(common::fixtures().join("cat.dcm"), &cat).unwrap();
     let obj = dicom_object::open_file(&cat).unwrap();
-    let mut identifiers = Vec::new();
-    for tag in [
-        tags::PATIENT_NAME,
-        tags::PATIENT_ID,
-        tags::INSTITUTION_NAME,
-        tags::REFERRING_PHYSICIAN_NAME,
-        tags::ACCESSION_NUMBER,
-        tags::SOP_INSTANCE_UID,
-        tags::STUDY_INSTANCE_UID,
-        tags::PATIENT_BIRTH_DATE,
-    ] {
-        if let Ok(e) = obj.element(tag) {
-            let v = e
-                .to_str()
-                .unwrap()
-                .trim_end_matches('\0')
-                .trim()
-                .to_string();
-            // Name components are searched one by one: "Doe^John" may be written as "Doe" alone.
-            for part in v.split('^').filter(|p| p.len() >= 4) {
-                identifiers.push((tag, part.to_string()));
-            }
-        }
-    }
+    let identifiers = common::identifier_parts(
+        &obj,
+        &[
+            tags::PATIENT_NAME,
+            tags::PATIENT_ID,
+            tags::INSTITUTION_NAME,
+            tags::REFERRING_PHYSICIAN_NAME,
+            tags::ACCESSION_NUMBER,
+            tags::SOP_INSTANCE_UID,
+            tags::STUDY_INSTANCE_UID,
+            tags::PATIENT_BIRTH_DATE,
+        ],
+    );
     assert!(
         identifiers.len() >= 5,
         "the test subject carries identifiers"

@@ -235,3 +235,22 @@ pub fn built_peer(var: &str, script: &str, args: &[&str]) -> PathBuf {
 pub fn container_check() -> PathBuf {
     built_peer("FRACTURE_CONTAINER_CHECK", "compose.sh", &["checker"])
 }
+
+/// The values of `tags` in `obj`, split into name components of 4 or more characters ("Doe^John"
+/// may be written as "Doe" alone), for asserting that none of them leaks anywhere.
+pub fn identifier_parts(
+    obj: &dicom_object::DefaultDicomObject,
+    tags: &[dicom_core::Tag],
+) -> Vec<(dicom_core::Tag, String)> {
+    let mut parts = Vec::new();
+    for &tag in tags {
+        if let Ok(e) = obj.element(tag) {
+            let v = e.to_str().unwrap();
+            let v = v.trim_end_matches('\0').trim();
+            for part in v.split('^').filter(|p| p.len() >= 4) {
+                parts.push((tag, part.to_string()));
+            }
+        }
+    }
+    parts
+}
